@@ -1,0 +1,96 @@
+"""Command line: one sub-command per stage, plus the data-card checker.
+
+A user's mistake ends with one line on stderr naming the file and field, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import PipelineError
+from pipeline.params import DEFAULT_PARAMS
+
+log = logging.getLogger("pipeline")
+
+
+def _card_check(args: argparse.Namespace) -> int:
+    from pipeline.cards import DataCard, card_problems, summary
+    from pipeline.params import read_yaml
+
+    status = 0
+    for path in args.files:
+        try:
+            raw = read_yaml(path)
+        except PipelineError as exc:
+            print(exc)
+            status = 1
+            continue
+        problems = card_problems(raw)
+        for field, message in problems:
+            print(f"{path}: {field}: {message}")
+        if problems:
+            status = 1
+        else:
+            print(f"{path}: ok: {summary(DataCard.model_validate(raw))}")
+    return status
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest
+
+    counts = ingest(args.dataset, params_path=args.params, cards_dir=args.cards)
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.reasons.items())) or "none"
+    log.info("%s: read %d = accepted %d + quarantined %d (%s)", args.dataset, counts.read, counts.accepted,
+             counts.quarantined, reasons)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="MAE dataset governance and training audit pipeline. Each stage reads params.yaml and "
+        "writes only its declared outputs; `dvc repro` runs them in order.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    card = commands.add_parser("card", help="work with data cards")
+    card_commands = card.add_subparsers(dest="card_command", required=True, metavar="ACTION")
+    check = card_commands.add_parser(
+        "check", help="validate data cards",
+        description="Validate data cards against the schema and the cross-field rules. Prints every problem "
+        "with its field path and exits 1; a valid card prints a one-line summary.")
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="data card YAML file(s)")
+    check.set_defaults(handler=_card_check)
+
+    ingest = commands.add_parser(
+        "ingest", help="ingest one dataset (DVC stage ingest@DATASET)",
+        description="Read a dataset through its source, apply the consent and licence policy to every record, "
+        "and write data/ingested/DATASET/: manifest.parquet (accepted records), pixels/ (uint8 shards), "
+        "quarantine.parquet (rejected records with a reason) and provenance.json (counts and digests).")
+    ingest.add_argument("dataset", help="a dataset named under `datasets:` in params.yaml")
+    ingest.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    ingest.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
+    ingest.set_defaults(handler=_ingest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Ingest one dataset: card -> source records -> policy -> manifest, pixels, quarantine, provenance.
+
+Streams: records flow one at a time from the source into fixed-size pixel shards and parquet row
+groups, so memory stays flat as the dataset grows. Every record read ends in exactly one of the
+manifest or the quarantine, and provenance.json counts both. Outputs are written to a temporary
+folder and moved into place only when the whole dataset succeeded: no partial outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import PipelineError
+from pipeline.cards import DataCard, card_digest, card_path, load_card
+from pipeline.params import DEFAULT_PARAMS, IngestSettings, Params, dataset_settings, load_params
+from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, record_license
+from pipeline.sources import source_records
+from pipeline.sources.records import SourceRecord, pixels_sha256
+
+log = logging.getLogger(__name__)
+
+INGESTED = Path("data/ingested")
+SALT_ENV = "MAE_PIPELINE_SALT"
+
+MANIFEST_FIELDS = [
+    ("record_id", pa.string()),
+    ("dataset", pa.string()),
+    ("sha256", pa.string()),
+    ("source_sha256", pa.string()),
+    ("source_uri", pa.string()),
+    ("license", pa.string()),
+    ("consent_status", pa.string()),
+    ("consent_basis", pa.string()),
+    ("collected_at", pa.timestamp("us", tz="UTC")),
+    ("contributor", pa.string()),
+    ("label", pa.string()),
+    ("domain", pa.string()),
+]
+PIXEL_FIELDS = [
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("channels", pa.int32()),
+    ("pixels_file", pa.string()),
+    ("pixels_index", pa.int32()),
+]
+QUARANTINE_SCHEMA = pa.schema([
+    ("record_id", pa.string()),
+    ("dataset", pa.string()),
+    ("source_uri", pa.string()),
+    ("source_sha256", pa.string()),
+    ("sha256", pa.string()),
+    ("license", pa.string()),
+    ("consent_status", pa.string()),
+    ("domain", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("planted", pa.string()),
+])
+
+
+def manifest_schema(card: DataCard) -> pa.Schema:
+    attributes = [(attr.name, pa.string()) for attr in card.sensitive_attributes]
+    return pa.schema(MANIFEST_FIELDS + attributes + PIXEL_FIELDS)
+
+
+def load_withdrawals(path: Path) -> frozenset[str]:
+    """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(row for row in handle if not row.startswith("#"))
+            if reader.fieldnames is None or "id" not in reader.fieldnames:
+                raise PipelineError(f"{path}: header: needs an 'id' column (record id or sha256)")
+            return frozenset(row["id"].strip() for row in reader if row["id"] and row["id"].strip())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: withdrawals file not found (policy.withdrawals_file)") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot parse ({exc})") from None
+
+
+def pseudonym(dataset: str, raw: object, salt: str) -> str | None:
+    """A salted hash of a contributor id: stable within a salt, never reversible to the raw id."""
+    if raw is None or str(raw).strip() == "":
+        return None
+    digest = hmac.new(salt.encode(), f"{dataset}:{raw}".encode(), hashlib.sha256).hexdigest()
+    return f"c-{digest[:20]}"
+
+
+def parse_timestamp(raw: object) -> datetime | None:
+    """An ISO date or datetime; naive values are taken as UTC."""
+    if raw is None or str(raw).strip() == "":
+        return None
+    text = str(raw).strip()
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = datetime.combine(date.fromisoformat(text), datetime.min.time())
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _text(raw: object) -> str | None:
+    text = "" if raw is None else str(raw).strip()
+    return text or None
+
+
+@dataclass
+class _Rows:
+    """A parquet file written one row group at a time, so memory holds at most one group."""
+
+    writer: pq.ParquetWriter
+    schema: pa.Schema
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows.clear()
+
+
+@dataclass
+class _Shards:
+    """Pixels in fixed-size .npy shards that later stages memory-map."""
+
+    folder: Path
+    shape: tuple[int, int, int]
+    size: int
+    buffer: np.ndarray = field(init=False)
+    filled: int = 0
+    written: int = 0
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True)
+        self.buffer = np.empty((self.size, *self.shape), dtype=np.uint8)
+
+    @property
+    def current(self) -> str:
+        return f"pixels/shard-{self.written:05d}.npy"
+
+    def add(self, pixels: np.ndarray) -> tuple[str, int]:
+        where = (self.current, self.filled)
+        self.buffer[self.filled] = pixels
+        self.filled += 1
+        return where
+
+    def full(self) -> bool:
+        return self.filled == self.size
+
+    def flush(self) -> None:
+        if self.filled:
+            np.save(self.folder / Path(self.current).name, self.buffer[: self.filled])
+            self.written += 1
+            self.filled = 0
+
+
+def _facts(record: SourceRecord, card: DataCard, sha: str | None) -> RecordFacts:
+    meta = record.metadata
+    return RecordFacts(
+        record_id=record.record_id,
+        sha256=sha,
+        source_sha256=record.source_sha256,
+        license=record_license(card, meta.get(card.license.record_column)),
+        consent_status=consent_status(card, meta.get(card.consent.record_column)),
+    )
+
+
+def _manifest_row(record: SourceRecord, card: DataCard, facts: RecordFacts, collected_at, salt: str) -> dict:
+    meta = record.metadata
+    column = card.domains.column
+    row = {
+        "record_id": record.record_id,
+        "dataset": card.name,
+        "sha256": facts.sha256,
+        "source_sha256": record.source_sha256,
+        "source_uri": record.source_uri,
+        "license": facts.license,
+        "consent_status": facts.consent_status,
+        "consent_basis": card.consent.basis,
+        "collected_at": collected_at,
+        "contributor": pseudonym(card.name, meta.get(card.source.contributor_column), salt)
+        if card.source.contributor_column else None,
+        "label": _text(meta.get(card.labels.column)) if card.labels else None,
+        "domain": _text(meta.get(column)) if column else card.name,
+    }
+    row.update({attr.name: _text(meta.get(attr.name)) for attr in card.sensitive_attributes})
+    return row
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    accepted: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(self.reasons.values())
+
+
+def _judge(record: SourceRecord, card: DataCard, params: Params, withdrawn: frozenset[str],
+           seen_ids: set[str], seen_images: set[str]) -> tuple[Decision, RecordFacts, datetime | None]:
+    """The one decision for a record: source problems, identity, metadata, policy, then duplicates."""
+    sha = pixels_sha256(record.pixels) if record.pixels is not None else None
+    facts = _facts(record, card, sha)
+    duplicate_id = record.record_id in seen_ids
+    seen_ids.add(record.record_id)
+    if record.problem is not None:
+        return Decision(*record.problem), facts, None
+    if duplicate_id:
+        return Decision("duplicate_record_id", f"record_id {record.record_id!r} appeared earlier"), facts, None
+    collected_at = None
+    if card.source.collected_at_column:
+        column = card.source.collected_at_column
+        try:
+            collected_at = parse_timestamp(record.metadata.get(column))
+        except ValueError:
+            raw = record.metadata.get(column)
+            return Decision("invalid_metadata", f"{column}: cannot parse {raw!r} as an ISO date"), facts, None
+    decision = decide(facts, card, params.policy, withdrawn)
+    if decision.accepted and sha in seen_images:
+        decision = Decision("duplicate_image", f"sha256 {sha[:12]}… matches an earlier accepted record")
+    return decision, facts, collected_at
+
+
+def code_version() -> dict:
+    """Git commit (when in a repository) and a digest of the package source, for lineage."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=package).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"git_commit": commit, "code_sha256": digest.hexdigest()}
+
+
+def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"),
+           out_root: Path = INGESTED) -> Counts:
+    params = load_params(params_path)
+    settings = dataset_settings(params, dataset, params_path)
+    card_file = card_path(dataset, cards_dir)
+    card = load_card(card_file)
+    if card.name != dataset:
+        raise PipelineError(f"{card_file}: name: {card.name!r} does not match the dataset name {dataset!r}")
+    if card.source.kind != settings.kind:
+        raise PipelineError(f"{card_file}: source.kind: {card.source.kind!r} but params.yaml "
+                            f"datasets.{dataset}.kind is {settings.kind!r}")
+    withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
+    salt = os.environ.get(SALT_ENV) or params.ingest.pseudonym_salt
+
+    out = out_root / dataset
+    tmp = out_root / f".{dataset}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts, planted, source_sha256 = _write(card, settings, params, withdrawn, salt, tmp)
+        provenance = {
+            "dataset": dataset,
+            "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
+            "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
+                       "sha256": source_sha256},
+            "policy": params.policy.model_dump(mode="json"),
+            "withdrawals": {"path": params.policy.withdrawals_file, "entries": len(withdrawn)},
+            "code": code_version(),
+            "pixels": {"shape": [settings.image_size, settings.image_size, settings.channels], "dtype": "uint8",
+                       "layout": "pixels/shard-NNNNN.npy, [n, height, width, channels]",
+                       "shard_size": params.ingest.shard_size},
+            "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
+                       "by_reason": dict(sorted(counts.reasons.items()))},
+            "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
+        }
+        if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
+            raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
+        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        if planted:  # what the source planted on purpose, so tests and audits can check it is caught
+            (tmp / "planted.json").write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], salt: str, tmp: Path):
+    shards = _Shards(tmp / "pixels", (settings.image_size, settings.image_size, settings.channels),
+                     params.ingest.shard_size)
+    manifest_schema_ = manifest_schema(card)
+    counts = Counts()
+    seen_ids: set[str] = set()
+    seen_images: set[str] = set()
+    planted: dict[str, str] = {}
+    source_digest = hashlib.sha256()
+    with pq.ParquetWriter(tmp / "manifest.parquet", manifest_schema_) as manifest_writer, \
+            pq.ParquetWriter(tmp / "quarantine.parquet", QUARANTINE_SCHEMA) as quarantine_writer:
+        manifest = _Rows(manifest_writer, manifest_schema_)
+        quarantine = _Rows(quarantine_writer, QUARANTINE_SCHEMA)
+        total = getattr(settings, "num_images", None)
+        for record in tqdm(source_records(settings.kind)(card, settings, params.ingest), total=total,
+                           desc=f"ingest {card.name}", unit="img", disable=None):
+            counts.read += 1
+            source_digest.update(f"{record.record_id}\0{record.source_sha256}\n".encode())
+            if record.planted:
+                planted[record.record_id] = record.planted
+            decision, facts, collected_at = _judge(record, card, params, withdrawn, seen_ids, seen_images)
+            if decision.accepted:
+                seen_images.add(facts.sha256)
+                row = _manifest_row(record, card, facts, collected_at, salt)
+                pixels_file, pixels_index = shards.add(record.pixels)
+                height, width, channels = record.pixels.shape
+                row.update(width=width, height=height, channels=channels, pixels_file=pixels_file,
+                           pixels_index=pixels_index)
+                manifest.add(row)
+                counts.accepted += 1
+                if shards.full():
+                    shards.flush()
+                    manifest.flush()
+            else:
+                counts.reasons[decision.reason] += 1
+                quarantine.add({
+                    "record_id": record.record_id, "dataset": card.name, "source_uri": record.source_uri,
+                    "source_sha256": record.source_sha256, "sha256": facts.sha256, "license": facts.license,
+                    "consent_status": facts.consent_status,
+                    "domain": _text(record.metadata.get(card.domains.column)) if card.domains.column else card.name,
+                    "reason": decision.reason, "detail": decision.detail, "planted": record.planted,
+                })
+                if len(quarantine.rows) >= params.ingest.shard_size:
+                    quarantine.flush()
+        shards.flush()
+        manifest.flush()
+        quarantine.flush()
+    return counts, planted, source_digest.hexdigest()

@@ -1,0 +1,162 @@
+"""Typed view of params.yaml: the one place that knows its shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import PipelineError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteEffects(_Strict):
+    """Camera effects of one synthetic acquisition site."""
+
+    share: float = Field(gt=0)
+    blur: float = Field(default=0.0, ge=0, description="Gaussian blur sigma in pixels")
+    noise: float = Field(default=0.0, ge=0, description="additive Gaussian noise std, in [0, 1] units")
+    color_cast: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    collected_from: str = Field(description="ISO date the site started collecting")
+    collected_to: str
+
+
+class DefectRates(_Strict):
+    """Fractions of records planted with each governance defect (written down in planted.json)."""
+
+    consent_withdrawn: float = Field(default=0.0, ge=0, le=1)
+    consent_missing: float = Field(default=0.0, ge=0, le=1)
+    license_disallowed: float = Field(default=0.0, ge=0, le=1)
+    duplicate_image: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _total_below_one(self) -> DefectRates:
+        if sum(self.model_dump().values()) >= 1:
+            raise ValueError("defect rates must add up to less than 1")
+        return self
+
+
+class _ImageSettings(_Strict):
+    source: str = Field(description="what the records are read from; dvc.yaml tracks it as a dependency")
+    image_size: int = Field(gt=0, le=1024)
+    channels: Literal[1, 3]
+
+
+class _GeneratedSettings(_ImageSettings):
+    """A source whose records come from code: `source` names its module, so DVC re-runs when it changes."""
+
+    @model_validator(mode="after")
+    def _source_is_module(self):
+        expected = f"pipeline/sources/{self.kind}.py"
+        if self.source != expected:
+            raise ValueError(f"source must be {expected!r} for kind {self.kind!r}")
+        return self
+
+
+class SyntheticSettings(_GeneratedSettings):
+    kind: Literal["synthetic"]
+    seed: int = 0
+    num_images: int = Field(gt=0)
+    num_contributors: int = Field(default=200, gt=0)
+    group_proportions: dict[str, float]
+    sites: dict[str, SiteEffects]
+    defects: DefectRates = DefectRates()
+    disallowed_license: str = "CC-BY-NC-4.0"
+
+    @field_validator("group_proportions")
+    @classmethod
+    def _positive_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value or any(share <= 0 for share in value.values()):
+            raise ValueError("needs at least one group, each with a positive share")
+        return value
+
+
+class DigitsSettings(_GeneratedSettings):
+    kind: Literal["sklearn_digits"]
+
+
+class ImageFolderSettings(_ImageSettings):
+    kind: Literal["image_folder"]
+    metadata: str = Field(default="metadata.csv", description="the CSV inside the `source` folder")
+
+
+DatasetSettings = Annotated[
+    Union[SyntheticSettings, DigitsSettings, ImageFolderSettings], Field(discriminator="kind")
+]
+
+
+class IngestSettings(_Strict):
+    shard_size: int = Field(default=4096, gt=0)
+    max_image_pixels: int = Field(default=50_000_000, gt=0, description="decompression-bomb limit")
+    max_file_bytes: int = Field(default=64 * 2**20, gt=0)
+    alpha_background: int = Field(default=255, ge=0, le=255)
+    pseudonym_salt: str = Field(min_length=8, description="overridden by $MAE_PIPELINE_SALT")
+
+
+class Policy(_Strict):
+    allowed_licenses: list[str]
+    accepted_consent_statuses: list[str]
+    accepted_consent_bases: list[str]
+    accept_undocumented_consent: bool = False
+    accept_constrained_permission: bool = False
+    withdrawals_file: str
+
+
+class Params(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
+
+    datasets: dict[str, DatasetSettings]
+    ingest: IngestSettings
+    policy: Policy
+
+    @field_validator("datasets")
+    @classmethod
+    def _names_are_safe(cls, value: dict) -> dict:
+        for name in value:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"dataset name {name!r} may hold only letters, digits, '_' and '-'")
+        return value
+
+
+def first_error(exc: ValidationError) -> str:
+    """One readable line for a pydantic error: field path, message, and how many more there are."""
+    errors = exc.errors()
+    path = ".".join(str(part) for part in errors[0]["loc"]) or "(top level)"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{path}: {errors[0]['msg']}{more}"
+
+
+def read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise PipelineError(f"{path}: {where}not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot read ({exc})") from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS) -> Params:
+    raw = read_yaml(path)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(f"{path}: {first_error(exc)}") from None
+
+
+def dataset_settings(params: Params, dataset: str, path: Path = DEFAULT_PARAMS):
+    try:
+        return params.datasets[dataset]
+    except KeyError:
+        known = ", ".join(params.datasets) or "none"
+        raise PipelineError(f"{path}: datasets.{dataset}: no such dataset (known: {known})") from None

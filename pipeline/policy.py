@@ -1,0 +1,147 @@
+"""Consent and licence rules: pure functions, record facts in, decision and reason out.
+
+Fail closed: a record is accepted only when the policy can establish that using it is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pipeline.cards import DataCard
+from pipeline.params import Policy
+
+# Every reason a record can be quarantined for, with what it means. Ingest writes the code; reports
+# print the meaning.
+REASONS = {
+    # the source could not produce a usable image
+    "file_missing": "the metadata names a file that does not exist",
+    "path_escapes_folder": "the metadata path points outside the dataset folder",
+    "no_metadata_row": "a file in the dataset folder has no row in the metadata",
+    "empty_file": "the file is zero bytes",
+    "file_too_large": "the file exceeds ingest.max_file_bytes",
+    "not_an_image": "the file is not an image Pillow can identify",
+    "unreadable_image": "the image is corrupt or truncated",
+    "decompression_bomb": "the image exceeds ingest.max_image_pixels",
+    "unsupported_image_mode": "the image's pixel format cannot be converted faithfully",
+    "invalid_metadata": "a metadata field cannot be parsed",
+    "duplicate_record_id": "another record already has this record id",
+    # governance
+    "withdrawal_request": "listed in the withdrawals file",
+    "training_not_permitted": "the card's training permission does not allow training",
+    "consent_basis_not_accepted": "the card's consent basis is not accepted by the policy",
+    "consent_undocumented": "consent is undocumented and the policy does not accept that",
+    "consent_withdrawn": "the subject withdrew consent",
+    "consent_missing": "the record has no consent status",
+    "consent_not_accepted": "the record's consent status is not accepted by the policy",
+    "license_missing": "the record has no licence",
+    "license_not_allowed": "the licence is not in the policy's allowlist",
+    "duplicate_image": "an accepted record already has exactly these pixels",
+}
+
+MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class RecordFacts:
+    """What the policy needs to know about one record."""
+
+    record_id: str
+    sha256: str | None
+    source_sha256: str | None
+    license: str | None
+    consent_status: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: str | None  # None: accepted
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+ACCEPT = Decision(None)
+
+
+def consent_status(card: DataCard, raw: object) -> str:
+    """The record's consent status: its own column where the card has one, else the card's basis."""
+    if card.consent.record_column is None:
+        return card.consent.basis
+    text = "" if raw is None else str(raw).strip().lower()
+    return text if text and text != "nan" else MISSING
+
+
+def record_license(card: DataCard, raw: object) -> str | None:
+    if card.license.record_column is None:
+        return card.license.spdx
+    text = "" if raw is None else str(raw).strip()
+    return text if text and text.lower() != "nan" else None
+
+
+@lru_cache(maxsize=1024)
+def license_allowed(expression: str, allowed: frozenset[str]) -> tuple[bool, str]:
+    """Whether an SPDX expression is allowed: AND needs every part allowed, OR needs one alternative."""
+    from license_expression import ExpressionError, get_spdx_licensing
+
+    try:
+        parsed = get_spdx_licensing().parse(expression, validate=True, strict=True)
+    except ExpressionError as exc:
+        return False, f"{expression!r} is not a valid SPDX expression ({exc})"
+    allowed_keys = {key.lower() for key in allowed}
+
+    def ok(node) -> bool:
+        if hasattr(node, "key"):
+            return node.key.lower() in allowed_keys
+        parts = [ok(arg) for arg in node.args]
+        return all(parts) if node.operator.strip().upper() == "AND" else any(parts)
+
+    if ok(parsed):
+        return True, ""
+    return False, f"licence {expression!r} is not in policy.allowed_licenses"
+
+
+def withdrawal_match(facts: RecordFacts, withdrawn: frozenset[str]) -> str | None:
+    for field, value in (("record_id", facts.record_id), ("sha256", facts.sha256), ("source_sha256", facts.source_sha256)):
+        if value is not None and value in withdrawn:
+            return field
+    return None
+
+
+def card_decision(card: DataCard, policy: Policy) -> Decision:
+    """What the card alone decides for every record of the dataset."""
+    permission = card.consent.training_permission
+    if permission == "notAllowed" or (permission == "constrained" and not policy.accept_constrained_permission):
+        return Decision("training_not_permitted", f"card consent.training_permission is {permission!r}")
+    basis = card.consent.basis
+    if basis == "undocumented":
+        if not policy.accept_undocumented_consent:
+            return Decision("consent_undocumented", "card consent.basis is 'undocumented'")
+    elif basis not in policy.accepted_consent_bases:
+        return Decision("consent_basis_not_accepted", f"card consent.basis {basis!r} not in policy")
+    return ACCEPT
+
+
+def decide(facts: RecordFacts, card: DataCard, policy: Policy, withdrawn: frozenset[str]) -> Decision:
+    """Accept or quarantine one record, with the first reason in order of precedence."""
+    if (field := withdrawal_match(facts, withdrawn)) is not None:
+        return Decision("withdrawal_request", f"{field} is listed in {policy.withdrawals_file}")
+    if not (verdict := card_decision(card, policy)).accepted:
+        return verdict
+    if card.consent.record_column is not None:
+        column = card.consent.record_column
+        status = facts.consent_status
+        if status == "withdrawn":
+            return Decision("consent_withdrawn", f"{column} is 'withdrawn'")
+        if status == MISSING:
+            return Decision("consent_missing", f"{column} is empty")
+        if status not in policy.accepted_consent_statuses:
+            return Decision("consent_not_accepted", f"{column} {status!r} not in policy.accepted_consent_statuses")
+    if facts.license is None:
+        return Decision("license_missing", f"{card.license.record_column} is empty")
+    ok, why = license_allowed(facts.license, frozenset(policy.allowed_licenses))
+    if not ok:
+        return Decision("license_not_allowed", why)
+    return ACCEPT

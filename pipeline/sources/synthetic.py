@@ -1,0 +1,160 @@
+"""The embedded default dataset: shapes on textured backgrounds, deterministic from a seed.
+
+Built so the audits have something true to find:
+- the sensitive attribute `group` picks the background texture's orientation. The groups' textures
+  are rotations of each other, so no group is harder by construction; a model trained mostly on one
+  group reconstructs the other worse only because it saw less of it (the bias audit must catch this);
+- acquisition sites differ by camera effects (blur, noise, colour cast); the card holds one out
+  (the shift audit must flag it);
+- governance defects are planted at configured rates and each record says which one it carries.
+Each record draws from its own generator seeded by (seed, index), so record i does not depend on
+how many records are generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date, datetime, time, timedelta, timezone
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from pipeline.cards import DataCard
+from pipeline.params import IngestSettings, SyntheticSettings
+from pipeline.sources.records import SourceRecord, sha256_bytes
+
+SHAPES = ("circle", "square", "triangle", "cross")
+SUPERSAMPLE = 2
+DEFECTS = ("consent_withdrawn", "consent_missing", "license_disallowed", "duplicate_image")
+
+
+def _choice(rng: np.random.Generator, shares: dict[str, object]) -> str:
+    names = list(shares)
+    weights = np.array([getattr(s, "share", s) for s in shares.values()], dtype=np.float64)
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+
+def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of one shape at a random place and size."""
+    n = size * SUPERSAMPLE
+    radius = rng.uniform(0.18, 0.3) * n
+    cy, cx = rng.uniform(radius, n - radius, size=2)
+    y, x = np.mgrid[0:n, 0:n] + 0.5
+    dy, dx = y - cy, x - cx
+    if shape == "circle":
+        mask = dx**2 + dy**2 < radius**2
+    elif shape == "square":
+        mask = np.maximum(abs(dx), abs(dy)) < radius * 0.85
+    elif shape == "triangle":
+        mask = (dy < radius * 0.8) & (abs(dx) < (dy + radius) * 0.6)
+    else:
+        arm = radius / 3
+        mask = ((abs(dx) < arm) & (abs(dy) < radius)) | ((abs(dy) < arm) & (abs(dx) < radius))
+    return mask.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def _texture(group_index: int, num_groups: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A two-colour grating whose orientation is set by the group: groups are rotations of each other."""
+    angle = np.pi * group_index / num_groups + rng.normal(0, 0.08)
+    frequency = rng.uniform(0.16, 0.3)  # cycles per pixel
+    phase = rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    low, high = rng.uniform(0.1, 0.9, size=(2, 3))
+    return low + (high - low) * wave[:, :, None]
+
+
+def render(shape: str, group_index: int, num_groups: int, site, size: int, channels: int,
+           rng: np.random.Generator) -> np.ndarray:
+    background = _texture(group_index, num_groups, size, rng)
+    colour = rng.uniform(0, 1, size=3)
+    coverage = _shape_mask(shape, size, rng)[:, :, None]
+    image = background * (1 - coverage) + colour * coverage
+    image = image * np.asarray(site.color_cast)
+    if site.blur > 0:
+        image = gaussian_filter(image, sigma=(site.blur, site.blur, 0))
+    image = image + rng.normal(0, site.noise, size=image.shape) if site.noise > 0 else image
+    if channels == 1:
+        image = image @ np.array([0.299, 0.587, 0.114])[:, None]
+    return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def _defect(settings: SyntheticSettings, u: float) -> str | None:
+    rates = settings.defects.model_dump()
+    edge = 0.0
+    for name in DEFECTS:
+        edge += rates[name]
+        if u < edge:
+            return name
+    return None
+
+
+def _collected_at(site, rng: np.random.Generator) -> str:
+    start, end = date.fromisoformat(site.collected_from), date.fromisoformat(site.collected_to)
+    day = start + timedelta(days=int(rng.integers(0, (end - start).days + 1)))
+    moment = datetime.combine(day, time(), tzinfo=timezone.utc) + timedelta(seconds=int(rng.integers(0, 86400)))
+    return moment.isoformat()
+
+
+def _clean_record(settings: SyntheticSettings, card: DataCard, index: int) -> tuple[SourceRecord, str | None]:
+    """Record `index` as generated before any defect is applied, and the defect it is due to carry."""
+    rng = np.random.default_rng([settings.seed, index])
+    defect = _defect(settings, rng.random())
+    groups = list(settings.group_proportions)
+    group = _choice(rng, settings.group_proportions)
+    site_name = _choice(rng, settings.sites)
+    site = settings.sites[site_name]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    pixels = render(shape, groups.index(group), len(groups), site, settings.image_size, settings.channels, rng)
+    record_id = f"{card.name}-{index:06d}"
+    metadata = {
+        "group": group,
+        "site": site_name,
+        "shape": shape,
+        "consent": "granted",
+        "license": card.license.spdx,
+        "subject": f"subject-{int(rng.integers(settings.num_contributors)):05d}",
+        "collected_at": _collected_at(site, rng),
+    }
+    record = SourceRecord(
+        record_id=record_id,
+        source_uri=f"synthetic://{card.name}/seed-{settings.seed}/{index}",
+        metadata=metadata,
+        pixels=pixels,
+        source_sha256=sha256_bytes(pixels.tobytes()),
+    )
+    return record, defect
+
+
+def records(card: DataCard, settings: SyntheticSettings, ingest: IngestSettings) -> Iterator[SourceRecord]:
+    for index in range(settings.num_images):
+        record, defect = _clean_record(settings, card, index)
+        if defect == "consent_withdrawn":
+            record.metadata["consent"] = "withdrawn"
+        elif defect == "consent_missing":
+            record.metadata["consent"] = None
+        elif defect == "license_disallowed":
+            record.metadata["license"] = settings.disallowed_license
+        elif defect == "duplicate_image":
+            original = _duplicate_source(settings, index)
+            if original is None:
+                defect = None
+            else:
+                copy, _ = _clean_record(settings, card, original)
+                copy.record_id, copy.source_uri = record.record_id, record.source_uri
+                copy.metadata["subject"] = record.metadata["subject"]
+                record = copy
+        record.planted = defect
+        yield record
+
+
+def _duplicate_source(settings: SyntheticSettings, index: int) -> int | None:
+    """An earlier record without a defect of its own, so the copy is the second accepted instance."""
+    rng = np.random.default_rng([settings.seed, index, 1])
+    for _ in range(32):
+        if index == 0:
+            return None
+        candidate = int(rng.integers(0, index))
+        if _defect(settings, np.random.default_rng([settings.seed, candidate]).random()) is None:
+            return candidate
+    return None

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import PipelineError
+from pipeline.cards import card_problems, load_card
+from tests.conftest import ROOT, run_cli
+
+CARDS = sorted((ROOT / "data_cards").glob("*.yaml"))
+
+
+def shipped(name: str = "synthetic") -> dict:
+    return yaml.safe_load((ROOT / "data_cards" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", CARDS, ids=lambda p: p.stem)
+def test_shipped_cards_are_valid(path: Path):
+    assert card_problems(yaml.safe_load(path.read_text())) == []
+
+
+def test_valid_card_prints_one_line_summary():
+    result = run_cli("card", "check", "data_cards/synthetic.yaml", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert "ok" in lines[0] and "CC-BY-4.0" in lines[0] and "site_east" in lines[0]
+
+
+def _broken() -> dict:
+    card = copy.deepcopy(shipped())
+    card["license"]["spdx"] = "Not-A-Licence"
+    card["consent"]["basis"] = "we asked nicely"
+    del card["provenance"]["timeframe"]
+    card["sensitive_attributes"][0]["population_shares"] = {"group_a": 0.5, "group_z": 0.5}
+    card["domains"]["held_out"] = ["site_moon"]
+    card["surprise"] = 1
+    return card
+
+
+def test_card_problems_name_every_field_path():
+    fields = {field for field, _ in card_problems(_broken())}
+    # schema errors come first; the cross-field rules run once the schema holds
+    assert {"consent.basis", "provenance.timeframe", "surprise"} <= fields
+    fixed = _broken()
+    fixed["consent"]["basis"] = "explicit_opt_in"
+    fixed["provenance"]["timeframe"] = {"start": "2024-01-01", "end": "2023-01-01"}
+    del fixed["surprise"]
+    fields = {field for field, _ in card_problems(fixed)}
+    assert fields == {"license.spdx", "provenance.timeframe", "sensitive_attributes.0.population_shares",
+                      "domains.held_out"}
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["consent"].update(training_permission="constrained"), "consent.constraints"),
+    (lambda c: c["sensitive_attributes"].append(dict(c["sensitive_attributes"][0])), "sensitive_attributes.1.name"),
+    (lambda c: c["sensitive_attributes"][0].update(name="label"), "sensitive_attributes.0.name"),
+    (lambda c: c["domains"].update(held_out=list(c["domains"]["values"])), "domains.held_out"),
+    (lambda c: c["labels"].update(classes=["a", "a"]), "labels.classes"),
+    (lambda c: c.pop("known_biases"), "known_biases"),
+    (lambda c: c["personal_information"].pop("present"), "personal_information.present"),
+])
+def test_cross_field_rules(edit, field):
+    card = copy.deepcopy(shipped())
+    edit(card)
+    assert field in {f for f, _ in card_problems(card)}
+
+
+def test_spdx_expressions_are_accepted():
+    card = copy.deepcopy(shipped())
+    card["license"]["spdx"] = "MIT OR Apache-2.0"
+    assert card_problems(card) == []
+
+
+def test_card_check_cli_lists_every_problem_and_fails(tmp_path: Path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(_broken()))
+    result = run_cli("card", "check", str(path), cwd=ROOT)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(card_problems(_broken())) >= 3
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_card_check_reports_yaml_syntax_error_with_line(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nlicense: [unclosed\n")
+    result = run_cli("card", "check", str(path), cwd=ROOT)
+    assert result.returncode == 1
+    assert f"{path}: line " in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_load_card_raises_one_line_naming_file_and_field(tmp_path: Path):
+    path = tmp_path / "synthetic.yaml"
+    card = shipped()
+    card["consent"]["basis"] = "maybe"
+    path.write_text(yaml.safe_dump(card))
+    with pytest.raises(PipelineError) as error:
+        load_card(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and "consent.basis" in message
