@@ -15,9 +15,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import PipelineError
-from pipeline.params import read_yaml
+from pipeline.params import SOURCE_KINDS, read_yaml
 
-SOURCE_KINDS = ("synthetic", "sklearn_digits", "image_folder")
 CONSENT_BASES = ("explicit_opt_in", "license_permits_training", "synthetic", "undocumented")
 # Manifest columns a sensitive attribute may not shadow.
 RESERVED_COLUMNS = frozenset(

@@ -87,6 +87,7 @@ class ImageFolderSettings(_ImageSettings):
     metadata: str = Field(default="metadata.csv", description="the CSV inside the `source` folder")
 
 
+SOURCE_KINDS = ("synthetic", "sklearn_digits", "image_folder")
 DatasetSettings = Annotated[
     Union[SyntheticSettings, DigitsSettings, ImageFolderSettings], Field(discriminator="kind")
 ]
@@ -125,10 +126,18 @@ class Params(_Strict):
         return value
 
 
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as a dotted path, without the union tag pydantic inserts after a dataset."""
+    parts = list(loc)
+    if len(parts) > 2 and parts[0] == "datasets" and parts[2] in SOURCE_KINDS:
+        del parts[2]
+    return ".".join(str(part) for part in parts) or "(top level)"
+
+
 def first_error(exc: ValidationError) -> str:
     """One readable line for a pydantic error: field path, message, and how many more there are."""
     errors = exc.errors()
-    path = ".".join(str(part) for part in errors[0]["loc"]) or "(top level)"
+    path = field_path(errors[0]["loc"])
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{path}: {errors[0]['msg']}{more}"
 

@@ -30,8 +30,8 @@ def small_params(num_images: int = 300) -> dict:
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ...` in a subprocess, as DVC runs it."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    full_env.pop("MAE_PIPELINE_SALT", None)
+    inherited = {k: v for k, v in os.environ.items() if k != "MAE_PIPELINE_SALT"}
+    full_env = {**inherited, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=600)
 

@@ -34,7 +34,8 @@ def required_columns(card: DataCard) -> list[str]:
 
 def _read_header(metadata: Path, card: DataCard) -> None:
     with metadata.open(newline="", encoding="utf-8") as handle:
-        header = next(csv.reader(handle), None)
+        reader = csv.reader(handle)
+        header = next(_rows(reader, metadata), None)
     if header is None:
         raise PipelineError(f"{metadata}: empty file, expected a header row")
     missing = [column for column in required_columns(card) if column not in header]
@@ -82,7 +83,7 @@ def _unlisted_files(folder: Path, listed: set[str], skip: set[str]) -> Iterator[
                 yield relative
 
 
-def _rows(reader: csv.DictReader, metadata_file: Path) -> Iterator[dict]:
+def _rows(reader, metadata_file: Path) -> Iterator:
     """The CSV's rows; a file that is not valid CSV or UTF-8 is a one-line error naming the line."""
     try:
         yield from reader
@@ -105,13 +106,16 @@ def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSetting
             row.pop(None, None)  # cells beyond the header
             relative = (row.pop("path") or "").strip()
             target = _resolve(folder, relative)
+            listed.add(PurePosixPath(relative).as_posix())
             if target is not None:
                 listed.add(target.relative_to(folder).as_posix())
             record_id = (row.pop("record_id", None) or "").strip() or relative
             yield _image_record(folder, relative, target, record_id, row, settings, ingest)
     for relative in _unlisted_files(folder, listed, {settings.metadata}):
-        with (folder / relative).open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = None
+        if _resolve(folder, relative) is not None:  # never read through a link that leaves the folder
+            with (folder / relative).open("rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
         yield SourceRecord(
             record_id=relative,
             source_uri=f"file:{relative}",

@@ -1,0 +1,75 @@
+"""`dvc repro` of the ingest stages in a temporary git repository, as an engineer runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, small_params
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    env.pop("PYTHONPATH", None)  # the stage must import the repository's own copy of the package
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def ran(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout + result.stderr))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    for name in ("pipeline", "data_cards"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    shutil.copy(ROOT / ".gitignore", tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params(200), sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc(tmp_path, "init", "-q").returncode == 0
+    return tmp_path
+
+
+def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
+    first = dvc(repo, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ran(first) == {"ingest@synthetic", "ingest@sklearn_digits"}
+    for dataset in ("synthetic", "sklearn_digits"):
+        assert (repo / "data" / "ingested" / dataset / "manifest.parquet").is_file()
+
+    nothing = dvc(repo, "repro")
+    assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"]["sklearn_digits"]["image_size"] = 12
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits"}
+
+    with (repo / "pipeline" / "sources" / "synthetic.py").open("a") as handle:
+        handle.write("\n# a change to the generator\n")
+    assert ran(dvc(repo, "repro")) == {"ingest@synthetic"}
+
+    with (repo / "data_cards" / "withdrawals.csv").open("a") as handle:
+        handle.write("synthetic-000001,2026-11-26,\n")
+    assert ran(dvc(repo, "repro")) == {"ingest@synthetic", "ingest@sklearn_digits"}
+
+
+def test_broken_card_stops_repro_with_the_one_line_error(repo: Path):
+    card_file = repo / "data_cards" / "synthetic.yaml"
+    card = yaml.safe_load(card_file.read_text())
+    card["consent"]["training_permission"] = "sure"
+    card_file.write_text(yaml.safe_dump(card))
+    result = dvc(repo, "repro", "ingest@synthetic")
+    assert result.returncode != 0
+    assert "data_cards/synthetic.yaml: consent.training_permission" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (repo / "data" / "ingested" / "synthetic").exists()

@@ -1,0 +1,143 @@
+"""Bringing your own images: every kind of bad input is quarantined with its reason, the rest ingests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, Workspace, small_params
+
+GOOD = {"photographer": "alice", "taken_at": "2025-03-01T10:00:00", "license": "CC-BY-4.0",
+        "consent": "granted", "camera": "phone", "age_band": "under_30", "label": "indoor"}
+
+
+def gradient(mode_size=(40, 30)) -> np.ndarray:
+    w, h = mode_size
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (w + h - 2)], -1).astype(np.uint8)
+
+
+def build_folder(folder: Path) -> None:
+    """Files and metadata rows covering every input case the test expects."""
+    folder.mkdir(parents=True)
+    rgb = Image.fromarray(gradient())
+    rows: list[dict] = []
+
+    def add(record_id: str, path: str, **changes):
+        rows.append({"record_id": record_id, "path": path, **GOOD, **changes})
+
+    rgb.save(folder / "rgb.png"); add("rgb", "rgb.png")
+    rgb.save(folder / "photo.jpg", quality=90); add("jpeg", "photo.jpg")
+    Image.fromarray((gradient()[:, :, 0].astype(np.uint16) * 257)).save(folder / "deep.png"); add("16bit", "deep.png")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png"); add("palette", "palette.png")
+    rgba = rgb.copy(); rgba.putalpha(128); rgba.save(folder / "alpha.png"); add("rgba", "alpha.png")
+    rgb.convert("L").save(folder / "grey.png"); add("grey", "grey.png")
+    rgb.convert("1").save(folder / "bits.png"); add("1bit", "bits.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg"); add("cmyk", "cmyk.jpg")
+    (folder / "sub").mkdir(); rgb.rotate(90).save(folder / "sub" / "nested.webp"); add("nested", "sub/nested.webp")
+
+    (folder / "empty.png").write_bytes(b""); add("zero", "empty.png")
+    (folder / "notes.png").write_text("this is not an image"); add("text", "notes.png")
+    data = (folder / "rgb.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2]); add("truncated", "cut.png")
+    corrupt = bytearray(data); corrupt[60:120] = b"\x00" * 60
+    (folder / "corrupt.png").write_bytes(bytes(corrupt)); add("corrupt", "corrupt.png")
+    Image.new("L", (400, 400)).save(folder / "bomb.png"); add("bomb", "bomb.png")
+    shutil.copy(folder / "rgb.png", folder / "copy.png"); add("copy", "copy.png")
+    (folder.parent / "outside.png").write_bytes(data)
+    add("escape", "../outside.png")
+    add("absolute", str(folder.parent / "outside.png"))
+    (folder / "link.png").symlink_to(folder.parent / "outside.png"); add("symlink", "link.png")
+    add("ghost", "missing.png")
+    rgb.rotate(5).save(folder / "again.png"); add("rgb", "again.png")  # a record id used twice
+    rgb.rotate(180).save(folder / "when.png"); add("when", "when.png", taken_at="last tuesday")
+    rgb.rotate(45).save(folder / "nc.png"); add("nc", "nc.png", license="CC-BY-NC-4.0")
+    rgb.rotate(30).save(folder / "nolicence.png"); add("nolicence", "nolicence.png", license="")
+    rgb.rotate(60).save(folder / "withdrawn.png"); add("withdrawn", "withdrawn.png", consent="withdrawn")
+    rgb.rotate(75).save(folder / "noconsent.png"); add("noconsent", "noconsent.png", consent="")
+    rgb.rotate(15).save(folder / "orphan.png")  # a file without a row
+    with (folder / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["record_id", "path", *GOOD])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.fixture
+def folder_space(workspace: Workspace) -> Workspace:
+    shutil.copy(ROOT / "data_cards" / "examples" / "photos.yaml", workspace.root / "data_cards" / "photos.yaml")
+    params = small_params()
+    params["datasets"] = {"photos": {"kind": "image_folder", "source": "raw/photos", "image_size": 16, "channels": 3}}
+    params["ingest"]["max_image_pixels"] = 100_000
+    workspace.write_params(params)
+    return workspace
+
+
+def test_every_bad_input_is_quarantined_and_the_rest_ingests(folder_space: Workspace):
+    build_folder(folder_space.root / "raw" / "photos")
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = folder_space.ingested("photos")
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    quarantine = pd.read_parquet(out / "quarantine.parquet")
+    provenance = json.loads((out / "provenance.json").read_text())
+
+    accepted = {"rgb", "jpeg", "16bit", "palette", "rgba", "grey", "1bit", "cmyk", "nested"}
+    assert set(manifest.record_id) == accepted
+    expected = {
+        "zero": "empty_file", "text": "not_an_image", "truncated": "unreadable_image",
+        "corrupt": "unreadable_image", "bomb": "decompression_bomb", "copy": "duplicate_image",
+        "escape": "path_escapes_folder", "absolute": "path_escapes_folder", "symlink": "path_escapes_folder",
+        "ghost": "file_missing", "when": "invalid_metadata",
+        "nc": "license_not_allowed", "nolicence": "license_missing", "withdrawn": "consent_withdrawn",
+        "noconsent": "consent_missing", "orphan.png": "no_metadata_row",
+    }
+    assert dict(zip(quarantine.record_id, quarantine.reason)) == expected | {"rgb": "duplicate_record_id"}
+    assert quarantine.set_index("record_id").loc["rgb", "source_uri"] == "file:again.png"
+    assert quarantine.detail.str.len().min() > 5, "every quarantined record says why"
+    assert provenance["counts"]["read"] == len(accepted) + len(expected) + 1 == len(manifest) + len(quarantine)
+    assert "taken_at" in quarantine.set_index("record_id").loc["when", "detail"]
+
+    shards = np.load(out / "pixels" / "shard-00000.npy")
+    assert shards.shape == (len(accepted), 16, 16, 3)
+    pixels = dict(zip(manifest.record_id, shards[manifest.pixels_index]))
+    grey, deep = pixels["grey"].astype(int), pixels["16bit"].astype(int)
+    assert (grey[..., 0] == grey[..., 1]).all(), "a grey image becomes three equal channels"
+    assert abs(deep[..., 0] - pixels["rgb"][..., 0].astype(int)).max() <= 2, "16-bit values are scaled, not clipped"
+    assert pixels["rgba"].mean() > pixels["rgb"].mean(), "alpha is flattened over the white background"
+    assert manifest.set_index("record_id").loc["rgb", "contributor"].startswith("c-")
+    assert manifest.collected_at.notna().all()
+
+
+def test_missing_declared_column_is_one_line_error_naming_file_and_column(folder_space: Workspace):
+    folder = folder_space.root / "raw" / "photos"
+    folder.mkdir(parents=True)
+    Image.fromarray(gradient()).save(folder / "a.png")
+    (folder / "metadata.csv").write_text("path,license\na.png,CC0-1.0\n")
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 2
+    assert "metadata.csv: header: missing column(s)" in result.stderr and "consent" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not folder_space.ingested("photos").exists()
+
+
+def test_metadata_that_is_not_utf8_is_one_line_error(folder_space: Workspace):
+    folder = folder_space.root / "raw" / "photos"
+    folder.mkdir(parents=True)
+    header = ",".join(["path", *GOOD]) + "\n"
+    (folder / "metadata.csv").write_bytes(header.encode() + b"\xff\xfe,bad\n")
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 2 and "metadata.csv: line" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_folder_is_one_line_error(folder_space: Workspace):
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 2 and "datasets.photos.source" in result.stderr
