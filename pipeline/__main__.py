@@ -48,6 +48,27 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from pipeline.validate import failure_lines, validate
+
+    summary = validate(params_path=args.params, cards_dir=args.cards)
+    for line in failure_lines(summary, "warning"):
+        log.warning("%s", line)
+    failures = failure_lines(summary, "critical")
+    for line in failures:
+        print(f"critical: {line}", file=sys.stderr)
+    log.info("validation %s: %d critical, %d warning expectations failed; Data Docs: reports/validation/index.html",
+             "passed" if summary["passed"] else "FAILED", summary["failed_critical"], summary["failed_warning"])
+    return 0 if summary["passed"] else 1
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pipeline.prepare import prepare
+
+    prepare(params_path=args.params, cards_dir=args.cards)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -75,6 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     ingest.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
     ingest.set_defaults(handler=_ingest)
+
+    validate = commands.add_parser(
+        "validate", help="validate every ingested dataset with Great Expectations (DVC stage validate)",
+        description="Build Great Expectations suites from each dataset's card and params.yaml (schema, governance, "
+        "identity within and across datasets, content, coverage, and the card itself), run them, and write Data "
+        "Docs and summary.json to reports/validation/. Exits 1 when a critical expectation fails, printing one line "
+        "per failure; warnings are kept for the governance report.")
+    validate.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    validate.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
+    validate.set_defaults(handler=_validate)
+
+    prepare = commands.add_parser(
+        "prepare", help="split validated data into train / val / test / heldout (DVC stage prepare)",
+        description="Refuse to run unless reports/validation/summary.json says validation passed. Then split each "
+        "dataset, stratified by sensitive group and domain and deterministic from prepare.seed, keep the card's "
+        "held-out domains out of training (split `heldout`, for the shift audit), check that no image appears in "
+        "two splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus split_sizes.json.")
+    prepare.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    prepare.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
+    prepare.set_defaults(handler=_prepare)
     return parser
 
 

@@ -110,12 +110,45 @@ class Policy(_Strict):
     withdrawals_file: str
 
 
+class ValidationSettings(_Strict):
+    near_constant_std: float = Field(ge=0)
+    max_constant_fraction: float = Field(ge=0, le=1)
+    pixel_mean_range: tuple[float, float]
+    min_group_count: int = Field(ge=0)
+    quarantine_fraction_warning: float = Field(ge=0, le=1)
+    quarantine_fraction_critical: float = Field(ge=0, le=1)
+    examples: int = Field(default=5, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValidationSettings:
+        low, high = self.pixel_mean_range
+        if not 0 <= low < high <= 255:
+            raise ValueError("pixel_mean_range must be [low, high] with 0 <= low < high <= 255")
+        if self.quarantine_fraction_warning > self.quarantine_fraction_critical:
+            raise ValueError("quarantine_fraction_warning must not exceed quarantine_fraction_critical")
+        return self
+
+
+class PrepareSettings(_Strict):
+    seed: int = 0
+    val_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> PrepareSettings:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave some data for training")
+        return self
+
+
 class Params(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
 
     datasets: dict[str, DatasetSettings]
     ingest: IngestSettings
     policy: Policy
+    validation: ValidationSettings
+    prepare: PrepareSettings
 
     @field_validator("datasets")
     @classmethod

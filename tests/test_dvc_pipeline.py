@@ -39,28 +39,60 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
+ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare"}
+
+
+def edit_params(repo: Path, edit) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    edit(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
     first = dvc(repo, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert ran(first) == {"ingest@synthetic", "ingest@sklearn_digits"}
+    assert ran(first) == ALL
     for dataset in ("synthetic", "sklearn_digits"):
         assert (repo / "data" / "ingested" / dataset / "manifest.parquet").is_file()
+        assert (repo / "data" / "prepared" / dataset / "train.npy").is_file()
+    assert (repo / "reports" / "validation" / "index.html").is_file()
 
     nothing = dvc(repo, "repro")
     assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["datasets"]["sklearn_digits"]["image_size"] = 12
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits"}
+    edit_params(repo, lambda p: p["prepare"].update(seed=7))
+    assert ran(dvc(repo, "repro")) == {"prepare"}
+
+    # a threshold that does not change any outcome re-runs validation but leaves the splits alone
+    edit_params(repo, lambda p: p["validation"].update(min_group_count=49))
+    assert ran(dvc(repo, "repro")) == {"validate"}
+
+    edit_params(repo, lambda p: p["datasets"]["sklearn_digits"].update(image_size=12))
+    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits", "validate", "prepare"}
 
     with (repo / "pipeline" / "sources" / "synthetic.py").open("a") as handle:
         handle.write("\n# a change to the generator\n")
-    assert ran(dvc(repo, "repro")) == {"ingest@synthetic"}
+    assert ran(dvc(repo, "repro")) == {"ingest@synthetic", "validate", "prepare"}
 
     with (repo / "data_cards" / "withdrawals.csv").open("a") as handle:
         handle.write("synthetic-000001,2026-11-26,\n")
-    assert ran(dvc(repo, "repro")) == {"ingest@synthetic", "ingest@sklearn_digits"}
+    assert ran(dvc(repo, "repro")) == ALL
+
+
+def test_critical_validation_failure_stops_repro_before_prepare(repo: Path):
+    card_file = repo / "data_cards" / "synthetic.yaml"
+    card = yaml.safe_load(card_file.read_text())
+    card["labels"]["classes"] = ["circle", "square", "triangle"]  # crosses are now outside the card's classes
+    card_file.write_text(yaml.safe_dump(card))
+    result = dvc(repo, "repro")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "validate" in ran(result) and "prepare" not in ran(result)
+    assert "critical: synthetic: content.label_in_classes: expect_column_values_to_be_in_set(label)" in output
+    assert "Traceback" not in output
+    assert not (repo / "data" / "prepared").exists()
+    summary = (repo / "reports" / "validation" / "summary.json").read_text()
+    assert '"passed": false' in summary, "the reviewer still gets the report of what failed"
 
 
 def test_broken_card_stops_repro_with_the_one_line_error(repo: Path):
