@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_digest, card_path, load_card
-from pipeline.params import DEFAULT_PARAMS, IngestSettings, Params, dataset_settings, load_params
+from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
 from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, record_license
 from pipeline.sources import source_records
 from pipeline.sources.records import SourceRecord, pixels_sha256

@@ -385,27 +385,39 @@ def _load_dataset(dataset: str, ingested: Path) -> tuple[pd.DataFrame, dict]:
     return manifest, provenance
 
 
+def tables_and_checks(params: Params, cards: dict[str, DataCard], manifests: dict[str, pd.DataFrame],
+                      provenances: dict[str, dict], cards_dir: Path, ingested: Path, withdrawn: frozenset[str]):
+    """The tables GX validates and the checks for each dataset."""
+    tables: dict[tuple[str, str], pd.DataFrame] = {}
+    checks: dict[str, list[Check]] = {}
+    for name, manifest in manifests.items():
+        others = [m for other, m in manifests.items() if other != name]
+        seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
+                      frozenset().union(*(set(m.sha256) for m in others)))
+        tables[(name, "records")] = pixel_stats(manifest, ingested / name)
+        tables[(name, "dataset")] = dataset_table(cards[name], provenances[name], card_path(name, cards_dir))
+        tables[(name, "coverage")] = coverage_table(manifest, cards[name])
+        checks[name] = build_checks(cards[name], params, manifest, seen, withdrawn)
+    return tables, checks
+
+
+def write_report(tables, checks, params: Params, out_dir: Path) -> dict:
+    """Run the checks, and write Data Docs, index.html and summary.json under out_dir."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    docs_dir = out_dir / "gx"
+    summary = summarise(run_checks(tables, checks, docs_dir, params.validation.examples))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir))
+    return summary
+
+
 def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), ingested: Path = INGESTED,
              out_dir: Path = REPORT_DIR) -> dict:
     params = load_params(params_path)
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}
     loaded = {name: _load_dataset(name, ingested) for name in params.datasets}
-    tables: dict[tuple[str, str], pd.DataFrame] = {}
-    checks: dict[str, list[Check]] = {}
-    for name, (manifest, provenance) in loaded.items():
-        others = [m for other, (m, _) in loaded.items() if other != name]
-        seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
-                      frozenset().union(*(set(m.sha256) for m in others)))
-        tables[(name, "records")] = pixel_stats(manifest, ingested / name)
-        tables[(name, "dataset")] = dataset_table(cards[name], provenance, card_path(name, cards_dir))
-        tables[(name, "coverage")] = coverage_table(manifest, cards[name])
-        checks[name] = build_checks(cards[name], params, manifest, seen, withdrawn)
-
-    shutil.rmtree(out_dir, ignore_errors=True)
-    docs_dir = out_dir / "gx"
-    outcomes = run_checks(tables, checks, docs_dir, params.validation.examples)
-    summary = summarise(outcomes)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir))
-    return summary
+    manifests = {name: manifest for name, (manifest, _) in loaded.items()}
+    provenances = {name: provenance for name, (_, provenance) in loaded.items()}
+    tables, checks = tables_and_checks(params, cards, manifests, provenances, cards_dir, ingested, withdrawn)
+    return write_report(tables, checks, params, out_dir)
