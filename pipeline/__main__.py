@@ -69,6 +69,13 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from pipeline.pretrain import pretrain
+
+    pretrain(params_path=args.params)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -116,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     prepare.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
     prepare.set_defaults(handler=_prepare)
+
+    pretrain = commands.add_parser(
+        "pretrain", help="pretrain the MAE and record it in MLflow (DVC stage pretrain)",
+        description="Train a Masked Autoencoder on data/prepared/<pretrain.dataset>/train.npy with the settings under "
+        "`pretrain:` in params.yaml. Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), "
+        "metrics/pretrain.json and metrics/pretrain_loss.csv, and logs params, per-step metrics, lineage tags, "
+        "datasets, figures and the encoder to one MLflow run ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). "
+        "Resumes from models/checkpoints/ when it was written for the same params and data. Runs under torchrun for "
+        "multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.")
+    pretrain.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    pretrain.set_defaults(handler=_pretrain)
     return parser
 
 

@@ -141,6 +141,37 @@ class PrepareSettings(_Strict):
         return self
 
 
+class PretrainSettings(_Strict):
+    dataset: str = Field(description="the dataset whose prepared train split trains the model")
+    preset: str = "micro"
+    patch_size: int = Field(gt=0)
+    mask_ratio: float = Field(gt=0, lt=1)
+    norm_pix_loss: bool = True
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0, description="per process")
+    accum_steps: int = Field(default=1, gt=0)
+    base_lr: float = Field(gt=0, description="lr = base_lr x effective batch / 256")
+    min_lr: float = Field(default=0.0, ge=0)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    bf16: bool = False
+    flip: bool = True
+    checkpoint_every: int = Field(default=1, gt=0, description="epochs between resumable checkpoints")
+    seed: int = 0
+    threads: int = Field(default=2, gt=0, description="CPU threads per process, fixed for reproducible sums")
+    experiment: str = "mae-pretrain"
+    figure_images: int = Field(default=8, ge=1)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from pipeline.mae import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+
 class Params(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
 
@@ -149,6 +180,17 @@ class Params(_Strict):
     policy: Policy
     validation: ValidationSettings
     prepare: PrepareSettings
+    pretrain: PretrainSettings
+
+    @model_validator(mode="after")
+    def _pretrain_dataset_known(self) -> Params:
+        if self.pretrain.dataset not in self.datasets:
+            raise ValueError(f"pretrain.dataset {self.pretrain.dataset!r} is not under datasets")
+        settings = self.datasets[self.pretrain.dataset]
+        if settings.image_size % self.pretrain.patch_size:
+            raise ValueError(f"pretrain.patch_size {self.pretrain.patch_size} does not divide "
+                             f"datasets.{self.pretrain.dataset}.image_size {settings.image_size}")
+        return self
 
     @field_validator("datasets")
     @classmethod

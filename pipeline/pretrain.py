@@ -1,0 +1,208 @@
+"""The pretrain stage: train the MAE on a prepared train split and record it in MLflow with its lineage.
+
+Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), metrics/pretrain.json (DVC
+metrics) and metrics/pretrain_loss.csv (DVC plots). Resumable: models/checkpoints/ persists across
+runs, and a checkpoint is used only when it was written for the same params, data and world size.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import PipelineError
+from pipeline.ingest import INGESTED
+from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
+from pipeline.params import DEFAULT_PARAMS, PretrainSettings, load_params
+from pipeline.prepare import PREPARED
+from pipeline.tracking import lineage_tags, md5, quiet, silenced_stdout, tracking_uri, write_run_file
+from pipeline.train import State, World, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = Path("models/mae")
+CHECKPOINT = Path("models/checkpoints/pretrain.pt")
+METRICS = Path("metrics/pretrain.json")
+LOSS_CURVE = Path("metrics/pretrain_loss.csv")
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.set_num_threads(threads)
+
+
+def load_split(folder: Path, split: str) -> np.ndarray:
+    path = folder / f"{split}.npy"
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
+
+
+@torch.no_grad()
+def reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, mean: np.ndarray, std: np.ndarray,
+                          mask_ratio: float, seed: int):
+    """Rows of original / masked / reconstruction (visible patches pasted back), as the MAE paper shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    noise = torch.rand(len(images), model.patch_embed.num_patches, generator=torch.Generator().manual_seed(seed))
+    loss, pred, mask = model(images, mask_ratio, noise)
+    if model.norm_pix_loss:  # predictions are per-patch normalised: undo it with each patch's own statistics
+        target = model.patchify(images)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    patch_mask = mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans)
+    hidden = model.unpatchify(patch_mask)
+    reconstruction = model.unpatchify(pred)
+    pasted = images * (1 - hidden) + reconstruction * hidden
+
+    def show(x: torch.Tensor) -> np.ndarray:
+        x = x.permute(1, 2, 0).numpy() * std + mean
+        return np.clip(x, 0, 1).squeeze()
+
+    columns = len(images)
+    figure, axes = plt.subplots(3, columns, figsize=(1.4 * columns, 4.6), squeeze=False)
+    cmap = "gray" if model.in_chans == 1 else None
+    for i in range(columns):
+        panels = (images[i], images[i] * (1 - hidden[i]) + 0.5 * hidden[i], pasted[i])
+        for row, panel in enumerate(panels):
+            axes[row, i].imshow(show(panel), cmap=cmap, vmin=0, vmax=1)
+            axes[row, i].axis("off")
+    for row, title in enumerate(("original", f"masked {mask_ratio:.0%}", "reconstruction")):
+        axes[row, 0].set_title(title, fontsize=8, loc="left")
+    figure.suptitle(f"held-out images, masked-patch loss {float(loss):.3f}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _start_run(mlflow, settings: PretrainSettings, state: State, params_flat: dict, tags: dict, datasets: list):
+    """Open the model's run (the same run again when resuming) and record what trained it."""
+    if state.run_id:
+        return mlflow.start_run(run_id=state.run_id)
+    mlflow.set_experiment(settings.experiment)
+    run = mlflow.start_run(run_name=f"mae-{settings.preset}-{settings.dataset}")
+    mlflow.log_params(params_flat)
+    mlflow.set_tags(tags)
+    for dataset, context in datasets:
+        mlflow.log_input(dataset, context=context)
+    return run
+
+
+def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, ingested: Path = INGESTED,
+             model_dir: Path = MODEL_DIR, checkpoint: Path = CHECKPOINT, metrics_file: Path = METRICS,
+             curve_file: Path = LOSS_CURVE) -> dict | None:
+    quiet()
+    settings = load_params(params_path).pretrain
+    world = init_world()
+    seed_everything(settings.seed, settings.threads)
+    folder = prepared / settings.dataset
+    train_pixels, val_pixels = load_split(folder, "train"), load_split(folder, "val")
+    mean, std = channel_stats(train_pixels)
+    train_images, val_images = to_tensor(train_pixels, mean, std), to_tensor(val_pixels, mean, std)
+    model_args = dict(img_size=train_pixels.shape[1], patch_size=settings.patch_size, in_chans=train_pixels.shape[3],
+                      norm_pix_loss=settings.norm_pix_loss, **PRESETS[settings.preset])
+    model = MaskedAutoencoderViT(**model_args)
+    inputs = [folder / "train.npy", folder / "train.parquet", folder / "val.npy"]
+    run_fingerprint = fingerprint(settings, model_args, md5(inputs[0]), world.size)
+
+    mlflow = None
+    if world.main:
+        import mlflow
+        import mlflow.data
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(tracking_uri())
+
+    def on_start(state: State) -> None:
+        if not world.main:
+            return
+        import pandas as pd
+
+        records = pd.read_parquet(folder / "train.parquet")
+        datasets = [
+            (mlflow.data.from_numpy(train_pixels, source=str(inputs[0].resolve()), name=f"{settings.dataset}-train",
+                                    digest=md5(inputs[0])[:8]), "training"),
+            (mlflow.data.from_pandas(records, source=str(inputs[1].resolve()),
+                                     name=f"{settings.dataset}-train-manifest", digest=md5(inputs[1])[:8]),
+             "training"),
+        ]
+        tags = lineage_tags(inputs, [ingested / settings.dataset / "provenance.json"])
+        params_flat = {**settings.model_dump(mode="json"), **{f"model.{k}": v for k, v in model_args.items()},
+                       "world_size": world.size, "train_images": len(train_pixels)}
+        with silenced_stdout():
+            run = _start_run(mlflow, settings, state, params_flat, tags, datasets)
+        state.run_id = run.info.run_id
+
+    def on_step(step: int, values: dict) -> None:
+        mlflow.log_metrics(values, step=step)
+
+    def on_epoch(state: State) -> None:
+        val_loss, _ = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
+        state.history[-1]["val_loss"] = val_loss
+        mlflow.log_metrics({"epoch_train_loss": state.history[-1]["train_loss"], "val_masked_loss": val_loss,
+                            "images_per_second": state.history[-1]["images_per_second"]}, step=state.epoch)
+
+    state = train(model, train_images, settings, checkpoint, run_fingerprint, world, on_start, on_step, on_epoch)
+    if not world.main:
+        return None
+    return _finish(mlflow, model, model_args, settings, state, val_images, mean, std, model_dir, metrics_file,
+                   curve_file, train_pixels, inputs)
+
+
+def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, model_dir, metrics_file, curve_file,
+            train_pixels, inputs) -> dict:
+    val_loss, baseline = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
+    metrics = {"val_masked_loss": round(val_loss, 6), "val_patch_mean_baseline": round(baseline, 6),
+               "improvement_over_baseline": round(1 - val_loss / baseline, 6),
+               "final_train_loss": round(state.history[-1]["train_loss"], 6), "epochs": state.epoch,
+               "steps": state.step}
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    config = {"model": model_args, "preset": settings.preset, "mask_ratio": settings.mask_ratio,
+              "normalisation": {"mean": mean.tolist(), "std": std.tolist()}, "dataset": settings.dataset,
+              "train_md5": md5(inputs[0]), "run_id": state.run_id}
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    with curve_file.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss"])
+        writer.writeheader()
+        for row in state.history:
+            writer.writerow({"epoch": row["epoch"], "train_loss": round(row["train_loss"], 6),
+                             "val_loss": round(row.get("val_loss", float("nan")), 6)})
+
+    figure = reconstruction_figure(model, val_images[:settings.figure_images], mean, std, settings.mask_ratio,
+                                   settings.seed)
+    figure.savefig(model_dir / "reconstructions.png", dpi=120)
+    encoder = MAEEncoder(model).eval()
+    example = val_images[:2]
+    with torch.no_grad():
+        output = encoder(example)
+    from mlflow.models import infer_signature
+
+    with silenced_stdout():
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+        mlflow.log_figure(figure, "figures/reconstructions.png")
+        mlflow.log_artifact(str(model_dir / "config.json"))
+        mlflow.log_artifact(str(curve_file))
+        mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
+                                 signature=infer_signature(example.numpy(), output.numpy()),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+                                 code_paths=[str(Path(__file__).parent)])
+        run = mlflow.active_run()
+        write_run_file(run, model_dir / "run.json")
+        mlflow.end_run()
+    log.info("val masked-patch loss %.4f against the per-patch-mean baseline %.4f (%.0f%% lower); MLflow run %s",
+             val_loss, baseline, 100 * metrics["improvement_over_baseline"], state.run_id)
+    return metrics

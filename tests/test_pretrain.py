@@ -1,0 +1,173 @@
+"""Pretraining: the optimiser rules, resume after kill -9, DDP over two processes, and MLflow lineage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.mae import build
+from pipeline.train import learning_rate, param_groups
+from tests.conftest import ROOT, Workspace, small_params
+
+TINY_TRAINING = dict(epochs=4, batch_size=32, checkpoint_every=1, warmup_epochs=1, figure_images=4, threads=1)
+
+
+def test_weight_decay_skips_biases_norms_tokens_and_position_embeddings():
+    model = build("micro", 32, 4, 3)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(name.endswith("weight") and "norm" not in name for name in decayed)
+    assert {"cls_token", "mask_token"} <= {names[id(p)] for p in no_decay["params"]}
+    assert "pos_embed" not in names.values() or all(not p.requires_grad for n, p in model.named_parameters()
+                                                    if "pos_embed" in n)
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
+    assert learning_rate(0, 100, 10, 1.0, 0.0) == 0.0
+    assert learning_rate(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert learning_rate(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert learning_rate(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A small synthetic dataset ingested, validated and split once for every test here."""
+    space = Workspace(tmp_path_factory.mktemp("prepared"))
+    shutil.copytree(ROOT / "data_cards", space.root / "data_cards")
+    params = small_params(400)
+    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
+    space.write_params(params)
+    for args in (("ingest", "synthetic"), ("validate",), ("prepare",)):
+        result = space.run(*args)
+        assert result.returncode == 0, result.stderr
+    return space.root
+
+
+def training_space(prepared: Path, tmp_path: Path, **changes) -> Workspace:
+    space = Workspace(tmp_path)
+    (space.root / "data").mkdir(parents=True)
+    for name in ("prepared", "ingested"):
+        (space.root / "data" / name).symlink_to(prepared / "data" / name)
+    params = small_params(400)
+    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
+    params["pretrain"].update(TINY_TRAINING, **changes)
+    space.write_params(params)
+    return space
+
+
+def mlflow_env(space: Workspace) -> dict:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{space.root / 'mlflow.db'}"}
+
+
+def weights(space: Workspace) -> dict[str, torch.Tensor]:
+    return torch.load(space.root / "models" / "mae" / "model.pt")
+
+
+def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared: Path, tmp_path: Path):
+    straight = training_space(prepared, tmp_path / "straight")
+    result = straight.run("pretrain", env=mlflow_env(straight))
+    assert result.returncode == 0, result.stderr
+
+    interrupted = training_space(prepared, tmp_path / "interrupted")
+    checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted)}
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "training ended before it could be interrupted"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
+    resumed = interrupted.run("pretrain", env=mlflow_env(interrupted))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+
+    a, b = weights(straight), weights(interrupted)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert json.loads((straight.root / "metrics" / "pretrain.json").read_text()) == \
+        json.loads((interrupted.root / "metrics" / "pretrain.json").read_text())
+    # one MLflow run per model, even across the kill
+    import mlflow
+
+    runs = mlflow.MlflowClient(mlflow_env(interrupted)["MLFLOW_TRACKING_URI"]).search_runs(
+        [mlflow.MlflowClient(mlflow_env(interrupted)["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
+            "mae-pretrain").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared: Path, tmp_path: Path):
+    single = training_space(prepared, tmp_path / "single", epochs=2, batch_size=32)
+    assert single.run("pretrain", env=mlflow_env(single)).returncode == 0
+    ddp = training_space(prepared, tmp_path / "ddp", epochs=2, batch_size=16)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(ddp)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pipeline", "pretrain"], cwd=ddp.root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = weights(single), weights(ddp)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), "DDP diverged from the single-process run"
+    assert json.loads((ddp.root / "models" / "mae" / "run.json").read_text())["run_id"]
+
+
+def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
+    space = training_space(prepared, tmp_path, base_lr=1e12, warmup_epochs=0)
+    result = space.run("pretrain", env=mlflow_env(space))
+    assert result.returncode == 2
+    assert "non-finite loss" in result.stderr and "step" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Path, tmp_path: Path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    space = training_space(prepared, tmp_path)
+    result = space.run("pretrain", env=mlflow_env(space))
+    assert result.returncode == 0, result.stderr
+    run_file = json.loads((space.root / "models" / "mae" / "run.json").read_text())
+    client = MlflowClient(mlflow_env(space)["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_file["run_id"])
+    assert run.data.params["mask_ratio"] == "0.75" and run.data.params["preset"] == "micro"
+    tags = run.data.tags
+    assert len(tags["git.commit"]) in (7, 40) or tags["git.commit"] == "unknown"
+    assert tags["git.dirty"] in ("true", "false", "unknown")
+    train_md5 = tags["dvc.md5.data/prepared/synthetic/train.npy"]
+    assert len(train_md5) == 32
+    provenance = json.loads((prepared / "data" / "ingested" / "synthetic" / "provenance.json").read_text())
+    assert tags["data.synthetic.card_sha256"] == provenance["card"]["sha256"]
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert {"synthetic-train", "synthetic-train-manifest"} <= set(inputs)
+    assert inputs["synthetic-train"].dataset.digest == train_md5[:8]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"figures", "config.json", "pretrain_loss.csv"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/reconstructions.png"]
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(history) == run.data.metrics["final_steps"] and history[-1].step == len(history)
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [m.name for m in models] == ["encoder"] and models[0].source_run_id == run.info.run_id
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(mlflow_env(space)["MLFLOW_TRACKING_URI"])
+    encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 96)
+    metrics = json.loads((space.root / "metrics" / "pretrain.json").read_text())
+    assert set(metrics) >= {"val_masked_loss", "val_patch_mean_baseline", "improvement_over_baseline"}
+    assert run.data.metrics["final_val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
+    assert "View run" not in result.stdout + result.stderr
