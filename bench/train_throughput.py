@@ -5,7 +5,8 @@
 Each configuration runs in its own child process (so its peak RSS is its own): a few warm-up steps,
 then timed AdamW training steps on random images at mask ratio 0.75. Reports images per second, model
 FLOPs per second (forward + backward, counted by torch.utils.flop_counter) as a fraction of this
-machine's fp32 matrix-multiply peak (measured here with torch.mm), and peak RSS.
+machine's fp32 matrix-multiply peak (measured here with torch.mm), peak RSS, and on a GPU
+(`--device cuda`, the default where one is present) the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -24,21 +25,30 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.mae import build
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """fp32 matrix-multiply rate measured here (TF32 off: plain fp32, as the model trains by default)."""
+    size = 8192 if device == "cuda" else size
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 def one(args) -> dict:
     torch.manual_seed(0)
-    model = build(args.preset, args.image_size, args.patch_size, 3, full_encoder=args.full_encoder)
+    model = build(args.preset, args.image_size, args.patch_size, 3, full_encoder=args.full_encoder).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
 
     def step():
         with autocast:
@@ -55,11 +65,16 @@ def one(args) -> dict:
     flops = counter.get_total_flops()
     for _ in range(3):
         step()
+    sync(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
+    sync(args.device)
     seconds = (time.perf_counter() - start) / args.steps
-    return {"encoder": "full (mask tokens)" if args.full_encoder else "visible only",
+    gpu_memory = {"peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20)} if args.device == "cuda" else {}
+    return {**gpu_memory, "encoder": "full (mask tokens)" if args.full_encoder else "visible only",
             "precision": "bf16 autocast" if args.bf16 else "fp32",
             "images_per_second": round(args.batch_size / seconds, 1), "gflop_per_step": round(flops / 1e9, 2),
             "gflops": round(flops / seconds / 1e9, 1)}
@@ -73,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-encoder", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -81,8 +97,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(one(args)))
         return
-    peak = matmul_peak()
+    peak = matmul_peak(args.device)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    if args.device == "cuda":
+        machine += f", {torch.cuda.get_device_name()}"
     print(json.dumps({"machine": machine, "fp32_matmul_peak_gflops": round(peak / 1e9, 1),
                       "model": f"{args.preset}, {args.image_size}px, patch {args.patch_size}, batch {args.batch_size}"}))
     base = [sys.executable, __file__, "--child", *sys.argv[1:]]

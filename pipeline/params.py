@@ -155,6 +155,7 @@ class PretrainSettings(_Strict):
     warmup_epochs: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
     bf16: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda where present")
     flip: bool = True
     checkpoint_every: int = Field(default=1, gt=0, description="epochs between resumable checkpoints")
     seed: int = 0

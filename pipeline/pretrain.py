@@ -112,7 +112,9 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
     train_images, val_images = to_tensor(train_pixels, mean, std), to_tensor(val_pixels, mean, std)
     model_args = dict(img_size=train_pixels.shape[1], patch_size=settings.patch_size, in_chans=train_pixels.shape[3],
                       norm_pix_loss=settings.norm_pix_loss, **PRESETS[settings.preset])
-    model = MaskedAutoencoderViT(**model_args)
+    device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    model = MaskedAutoencoderViT(**model_args).to(device)
     inputs = [folder / "train.npy", folder / "train.parquet", folder / "val.npy"]
     run_fingerprint = fingerprint(settings, model_args, md5(inputs[0]), world.size)
 
@@ -168,6 +170,7 @@ def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, m
                "final_train_loss": round(state.history[-1]["train_loss"], 6), "epochs": state.epoch,
                "steps": state.step}
     model_dir.mkdir(parents=True, exist_ok=True)
+    model = model.cpu()
     torch.save(model.state_dict(), model_dir / "model.pt")
     config = {"model": model_args, "preset": settings.preset, "mask_ratio": settings.mask_ratio,
               "normalisation": {"mean": mean.tolist(), "std": std.tolist()}, "dataset": settings.dataset,

@@ -54,6 +54,8 @@ def init_world() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
@@ -98,12 +100,13 @@ def masked_losses(model: MaskedAutoencoderViT, images: torch.Tensor, mask_ratio:
                   batch_size: int = 256) -> tuple[float, float]:
     """Held-out masked-patch loss of the model and of predicting each patch's own mean, on fixed masks."""
     model.eval()
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     total = baseline = 0.0
     count = 0
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        noise = torch.rand(len(batch), model.patch_embed.num_patches, generator=generator)
+        batch = images[start:start + batch_size].to(device)
+        noise = torch.rand(len(batch), model.patch_embed.num_patches, generator=generator).to(device)
         loss, _, mask = model(batch, mask_ratio, noise)
         target = model.target(batch)
         patch_mean = target.mean(dim=-1, keepdim=True).expand_as(target)
