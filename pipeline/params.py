@@ -183,23 +183,6 @@ class Params(_Strict):
     prepare: PrepareSettings
     pretrain: PretrainSettings
 
-    @model_validator(mode="after")
-    def _pretrain_dataset_known(self) -> Params:
-        if self.pretrain.dataset not in self.datasets:
-            raise ValueError(f"pretrain.dataset {self.pretrain.dataset!r} is not under datasets")
-        settings = self.datasets[self.pretrain.dataset]
-        if settings.image_size % self.pretrain.patch_size:
-            raise ValueError(f"pretrain.patch_size {self.pretrain.patch_size} does not divide "
-                             f"datasets.{self.pretrain.dataset}.image_size {settings.image_size}")
-        return self
-
-    @field_validator("datasets")
-    @classmethod
-    def _names_are_safe(cls, value: dict) -> dict:
-        for name in value:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"dataset name {name!r} may hold only letters, digits, '_' and '-'")
-        return value
 
 
 def field_path(loc: tuple) -> str:

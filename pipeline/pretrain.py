@@ -103,7 +103,13 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
              model_dir: Path = MODEL_DIR, checkpoint: Path = CHECKPOINT, metrics_file: Path = METRICS,
              curve_file: Path = LOSS_CURVE) -> dict | None:
     quiet()
-    settings = load_params(params_path).pretrain
+    params = load_params(params_path)
+    settings = params.pretrain
+    if settings.dataset not in params.datasets:
+        raise PipelineError(f"{params_path}: pretrain.dataset: {settings.dataset!r} is not under datasets")
+    if params.datasets[settings.dataset].image_size % settings.patch_size:
+        raise PipelineError(f"{params_path}: pretrain.patch_size: {settings.patch_size} does not divide "
+                            f"datasets.{settings.dataset}.image_size {params.datasets[settings.dataset].image_size}")
     world = init_world()
     seed_everything(settings.seed, settings.threads)
     folder = prepared / settings.dataset

@@ -25,6 +25,7 @@ def small_params(num_images: int = 300) -> dict:
     """The shipped params with a smaller synthetic dataset, so tests run in seconds."""
     params = copy.deepcopy(default_params())
     params["datasets"]["synthetic"]["num_images"] = num_images
+    params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1, figure_images=4, threads=1)
     return params
 
 
