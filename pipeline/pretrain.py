@@ -201,7 +201,7 @@ def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, m
     from mlflow.models import infer_signature
 
     with silenced_stdout():
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+        mlflow.log_metrics({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in metrics.items()})
         mlflow.log_figure(figure, "figures/reconstructions.png")
         mlflow.log_artifact(str(model_dir / "config.json"))
         mlflow.log_artifact(str(curve_file))
