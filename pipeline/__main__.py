@@ -94,46 +94,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="data card YAML file(s)")
     check.set_defaults(handler=_card_check)
 
-    ingest = commands.add_parser(
-        "ingest", help="ingest one dataset (DVC stage ingest@DATASET)",
-        description="Read a dataset through its source, apply the consent and licence policy to every record, "
-        "and write data/ingested/DATASET/: manifest.parquet (accepted records), pixels/ (uint8 shards), "
-        "quarantine.parquet (rejected records with a reason) and provenance.json (counts and digests).")
-    ingest.add_argument("dataset", help="a dataset named under `datasets:` in params.yaml")
-    ingest.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    ingest.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
-    ingest.set_defaults(handler=_ingest)
+    def stage(name: str, help: str, description: str, handler, cards: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=description)
+        sub.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        if cards:
+            sub.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
+        sub.set_defaults(handler=handler)
+        return sub
 
-    validate = commands.add_parser(
-        "validate", help="validate every ingested dataset with Great Expectations (DVC stage validate)",
-        description="Build Great Expectations suites from each dataset's card and params.yaml (schema, governance, "
-        "identity within and across datasets, content, coverage, and the card itself), run them, and write Data "
-        "Docs and summary.json to reports/validation/. Exits 1 when a critical expectation fails, printing one line "
-        "per failure; warnings are kept for the governance report.")
-    validate.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    validate.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
-    validate.set_defaults(handler=_validate)
-
-    prepare = commands.add_parser(
-        "prepare", help="split validated data into train / val / test / heldout (DVC stage prepare)",
-        description="Refuse to run unless reports/validation/summary.json says validation passed. Then split each "
-        "dataset, stratified by sensitive group and domain and deterministic from prepare.seed, keep the card's "
-        "held-out domains out of training (split `heldout`, for the shift audit), check that no image appears in "
-        "two splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus split_sizes.json.")
-    prepare.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    prepare.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
-    prepare.set_defaults(handler=_prepare)
-
-    pretrain = commands.add_parser(
-        "pretrain", help="pretrain the MAE and record it in MLflow (DVC stage pretrain)",
-        description="Train a Masked Autoencoder on data/prepared/<pretrain.dataset>/train.npy with the settings under "
-        "`pretrain:` in params.yaml. Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), "
-        "metrics/pretrain.json and metrics/pretrain_loss.csv, and logs params, per-step metrics, lineage tags, "
-        "datasets, figures and the encoder to one MLflow run ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). "
-        "Resumes from models/checkpoints/ when it was written for the same params and data. Runs under torchrun for "
-        "multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.")
-    pretrain.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    pretrain.set_defaults(handler=_pretrain)
+    stage("ingest", "ingest one dataset (DVC stage ingest@DATASET)",
+          "Read a dataset through its source, apply the consent and licence policy to every record, and write "
+          "data/ingested/DATASET/: manifest.parquet (accepted records), pixels/ (uint8 shards), quarantine.parquet "
+          "(rejected records with a reason) and provenance.json (counts and digests).",
+          _ingest).add_argument("dataset", help="a dataset named under `datasets:` in params.yaml")
+    stage("validate", "validate every ingested dataset with Great Expectations (DVC stage validate)",
+          "Build Great Expectations suites from each dataset's card and params.yaml (schema, governance, identity "
+          "within and across datasets, content, coverage, and the card itself), run them, and write Data Docs and "
+          "summary.json to reports/validation/. Exits 1 when a critical expectation fails, printing one line per "
+          "failure; warnings are kept for the governance report.", _validate)
+    stage("prepare", "split validated data into train / val / test / heldout (DVC stage prepare)",
+          "Refuse to run unless reports/validation/summary.json says validation passed. Then split each dataset, "
+          "stratified by sensitive group and domain and deterministic from prepare.seed, keep the card's held-out "
+          "domains out of training (split `heldout`, for the shift audit), check that no image appears in two "
+          "splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus split_sizes.json.", _prepare)
+    stage("pretrain", "pretrain the MAE and record it in MLflow (DVC stage pretrain)",
+          "Train a Masked Autoencoder on data/prepared/<pretrain.dataset>/train.npy with the settings under "
+          "`pretrain:` in params.yaml. Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), "
+          "metrics/pretrain.json and metrics/pretrain_loss.csv, and logs params, per-step metrics, lineage tags, "
+          "datasets, figures and the encoder to one MLflow run ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). "
+          "Resumes from models/checkpoints/ when it was written for the same params and data. Runs under torchrun "
+          "for multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.", _pretrain,
+          cards=False)
     return parser
 
 

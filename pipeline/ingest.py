@@ -29,13 +29,13 @@ from tqdm import tqdm
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
+from pipeline.paths import INGESTED
 from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, record_license
 from pipeline.sources import source_records
 from pipeline.sources.records import SourceRecord, pixels_sha256
 
 log = logging.getLogger(__name__)
 
-INGESTED = Path("data/ingested")
 SALT_ENV = "MAE_PIPELINE_SALT"
 
 MANIFEST_FIELDS = [

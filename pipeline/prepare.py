@@ -21,13 +21,12 @@ import pandas as pd
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
-from pipeline.ingest import INGESTED
 from pipeline.params import DEFAULT_PARAMS, PrepareSettings, load_params
+from pipeline.paths import INGESTED, PREPARED, VALIDATION_REPORT
 
 log = logging.getLogger(__name__)
 
-PREPARED = Path("data/prepared")
-VALIDATION_SUMMARY = Path("reports/validation/summary.json")
+VALIDATION_SUMMARY = VALIDATION_REPORT / "summary.json"
 SPLITS = ("train", "val", "test", "heldout")
 
 

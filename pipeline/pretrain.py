@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
-from pipeline.ingest import INGESTED
 from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
 from pipeline.params import DEFAULT_PARAMS, PretrainSettings, load_params
-from pipeline.prepare import PREPARED
+from pipeline.paths import INGESTED, PREPARED
 from pipeline.tracking import lineage_tags, md5, quiet, silenced_stdout, tracking_uri, write_run_file
-from pipeline.train import State, World, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
+from pipeline.train import State, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ import pandas as pd
 
 from pipeline import PipelineError
 from pipeline.cards import CONSENT_BASES, DataCard, card_digest, card_path, load_card, spdx_problem
-from pipeline.ingest import INGESTED, load_withdrawals
+from pipeline.ingest import load_withdrawals
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
+from pipeline.paths import INGESTED, VALIDATION_REPORT
 from pipeline.policy import card_decision, license_allowed
 
 log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # GX logs its own import at INFO
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-REPORT_DIR = Path("reports/validation")
 ASSETS = ("records", "dataset", "coverage")
 REQUIRED_COLUMNS = {
     "record_id": "str", "dataset": "str", "sha256": "str", "source_sha256": "str", "source_uri": "str",
@@ -412,7 +412,7 @@ def write_report(tables, checks, params: Params, out_dir: Path) -> dict:
 
 
 def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), ingested: Path = INGESTED,
-             out_dir: Path = REPORT_DIR) -> dict:
+             out_dir: Path = VALIDATION_REPORT) -> dict:
     params = load_params(params_path)
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}

@@ -51,6 +51,12 @@ class Workspace:
     def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return run_cli(*args, cwd=self.root, env=env)
 
+    def run_ok(self, *commands: tuple[str, ...]) -> None:
+        """Run stages one after another, each of which must succeed."""
+        for args in commands:
+            result = self.run(*args)
+            assert result.returncode == 0, f"{args}: {result.stderr}"
+
     def ingested(self, dataset: str) -> Path:
         return self.root / "data" / "ingested" / dataset
 

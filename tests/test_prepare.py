@@ -67,9 +67,7 @@ def test_leak_check_finds_an_image_in_two_splits():
 
 @pytest.fixture
 def validated(workspace: Workspace) -> Workspace:
-    for args in (("ingest", "synthetic"), ("ingest", "sklearn_digits"), ("validate",)):
-        result = workspace.run(*args)
-        assert result.returncode == 0, result.stderr
+    workspace.run_ok(("ingest", "synthetic"), ("ingest", "sklearn_digits"), ("validate",))
     return workspace
 
 

@@ -49,9 +49,7 @@ def prepared(tmp_path_factory) -> Path:
     params = small_params(400)
     params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
     space.write_params(params)
-    for args in (("ingest", "synthetic"), ("validate",), ("prepare",)):
-        result = space.run(*args)
-        assert result.returncode == 0, result.stderr
+    space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",))
     return space.root
 
 

@@ -35,9 +35,7 @@ def ingested(tmp_path_factory) -> Workspace:
     space = Workspace(tmp_path_factory.mktemp("validate"))
     shutil.copytree(ROOT / "data_cards", space.root / "data_cards")
     space.write_params(small_params(300))
-    for dataset in ("synthetic", "sklearn_digits"):
-        result = space.run("ingest", dataset)
-        assert result.returncode == 0, result.stderr
+    space.run_ok(("ingest", "synthetic"), ("ingest", "sklearn_digits"))
     return space
 
 
