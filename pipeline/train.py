@@ -159,8 +159,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def fingerprint(settings: PretrainSettings, model_args: dict, data_digest: str, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: params, model, data, world size, and the code that trains."""
+    code = hashlib.sha256()
+    for module in (Path(__file__), Path(__file__).with_name("mae.py")):
+        code.update(module.read_bytes())
     payload = json.dumps({"settings": settings.model_dump(mode="json"), "model": model_args, "data": data_digest,
-                          "world_size": world_size}, sort_keys=True)
+                          "world_size": world_size, "code": code.hexdigest()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -169,3 +169,17 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     assert set(metrics) >= {"val_masked_loss", "val_patch_mean_baseline", "improvement_over_baseline"}
     assert run.data.metrics["final_val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
     assert "View run" not in result.stdout + result.stderr
+
+
+def test_a_checkpoint_fingerprint_covers_params_data_world_and_code():
+    from pipeline.params import PretrainSettings
+    from pipeline.train import fingerprint
+
+    settings = PretrainSettings.model_validate(small_params()["pretrain"])
+    args = {"img_size": 32}
+    base = fingerprint(settings, args, "data-a", 1)
+    assert base == fingerprint(settings, args, "data-a", 1)
+    assert base != fingerprint(settings, args, "data-b", 1)
+    assert base != fingerprint(settings, args, "data-a", 2)
+    assert base != fingerprint(settings.model_copy(update={"mask_ratio": 0.5}), args, "data-a", 1)
+    assert base != fingerprint(settings, {"img_size": 16}, "data-a", 1)
