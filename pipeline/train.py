@@ -208,14 +208,14 @@ def train(model: MaskedAutoencoderViT, images: torch.Tensor, settings: PretrainS
             flip = torch.from_numpy(flips[ids])
             batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch).to(device)
             last_micro = (micro + 1) % settings.accum_steps == 0
-            sync = ddp.no_sync() if world.size > 1 and not last_micro else nullcontext()
-            with sync, autocast:
-                loss, _, _ = ddp(batch, settings.mask_ratio, noise[mine].to(device))
-            value = loss.item()
-            if not math.isfinite(value):
-                raise PipelineError(f"non-finite loss ({value}) at epoch {epoch + 1}, step {state.step + 1}: "
-                                    "lower pretrain.base_lr or check the training data")
-            with sync:
+            # gradients are all-reduced only on the micro-batch that ends an accumulation
+            with ddp.no_sync() if world.size > 1 and not last_micro else nullcontext():
+                with autocast:
+                    loss, _, _ = ddp(batch, settings.mask_ratio, noise[mine].to(device))
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise PipelineError(f"non-finite loss ({value}) at epoch {epoch + 1}, step {state.step + 1}: "
+                                        "lower pretrain.base_lr or check the training data")
                 (loss / settings.accum_steps).backward()
             losses.append(value)
             seen += len(global_ids)

@@ -111,9 +111,10 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared:
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared: Path, tmp_path: Path):
-    single = training_space(prepared, tmp_path / "single", epochs=2, batch_size=32)
+    # with gradient accumulation on both sides, so DDP's no_sync path on the first micro-batch is exercised
+    single = training_space(prepared, tmp_path / "single", epochs=2, batch_size=16, accum_steps=2)
     assert single.run("pretrain", env=mlflow_env(single)).returncode == 0
-    ddp = training_space(prepared, tmp_path / "ddp", epochs=2, batch_size=16)
+    ddp = training_space(prepared, tmp_path / "ddp", epochs=2, batch_size=8, accum_steps=2)
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(ddp)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "pipeline", "pretrain"], cwd=ddp.root, env=env, capture_output=True, text=True,
