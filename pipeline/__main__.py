@@ -76,6 +76,29 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    evaluate(params_path=args.params, cards_dir=args.cards)
+    return 0
+
+
+def _audit_bias(args: argparse.Namespace) -> int:
+    from pipeline.audit.bias import audit_bias
+
+    result = audit_bias(params_path=args.params, cards_dir=args.cards)
+    log.info("bias audit: %s; report: reports/bias/bias.md", result["status"].upper())
+    return 0
+
+
+def _audit_shift(args: argparse.Namespace) -> int:
+    from pipeline.audit.shift import audit_shift
+
+    result = audit_shift(params_path=args.params, cards_dir=args.cards)
+    log.info("domain-shift audit: %s; report: reports/shift/shift.md", result["status"].upper())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -125,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
           "Resumes from models/checkpoints/ when it was written for the same params and data. Runs under torchrun "
           "for multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.", _pretrain,
           cards=False)
+    stage("evaluate", "evaluate the pretrained model against baselines (DVC stage evaluate)",
+          "Reconstruct every image of every split of the model's dataset on masks fixed by evaluate.seed "
+          "(hidden-pixel MSE and PSNR, against a randomly initialised model of the same architecture and a "
+          "patch-mean predictor); where the card has labels, fit a linear probe and a kNN classifier on frozen "
+          "train features and score them on val / test / heldout, against random-init and raw-pixel features; "
+          "compare training against unseen images (memorization). Writes data/eval/ (samples.parquet, "
+          "embeddings.npz), metrics/eval.json, reconstruction grids per group and domain in reports/eval/, and "
+          "logs them to the model's MLflow run.", _evaluate)
+    stage("audit-bias", "audit per-group and intersectional disparities (DVC stage audit_bias)",
+          "With fairlearn's MetricFrame, compare reconstruction error and probe / kNN accuracy across the card's "
+          "sensitive groups and their intersections on unseen images, with bootstrap intervals; decide each check "
+          "pass / fail / inconclusive against the thresholds under `audit_bias:`; compare training shares with the "
+          "card's population shares. Writes reports/bias/ (bias.json, bias.md, charts) and logs it to the model's "
+          "MLflow run. A failed check is a finding for the report, not an error: the exit status is 0.", _audit_bias)
+    stage("audit-shift", "audit held-out domains, corruptions and embedding drift (DVC stage audit_shift)",
+          "Compare each held-out domain of the card with unseen in-distribution images (reconstruction error, probe "
+          "accuracy, bootstrap intervals); run six corruptions at five severities (degradation curves, mean "
+          "corruption error); test embedding drift against the training images (MMD permutation test, domain-"
+          "classifier AUC), with unseen in-distribution images as the control; draw reconstructions at several mask "
+          "ratios with their errors. Decides each check against the thresholds under `audit_shift:`, writes "
+          "reports/shift/ (shift.json, shift.md, figures) and logs it to the model's MLflow run. Exit status 0 "
+          "whatever the findings.", _audit_shift)
     return parser
 
 

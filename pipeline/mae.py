@@ -237,14 +237,19 @@ def load_reference_checkpoint(model: MaskedAutoencoderViT, checkpoint: str | Pat
 
 
 class MAEEncoder(nn.Module):
-    """The encoder alone (the part MAE releases): whole images in, class-token features out.
+    """The encoder alone (the part MAE releases): whole images in, one feature vector per image out.
 
     Its state-dict keys are those of the released encoder checkpoints (cls_token, pos_embed,
-    patch_embed.*, blocks.*, norm.*). It shares parameters with the MAE it was made from.
+    patch_embed.*, blocks.*, norm.*). It shares parameters with the MAE it was made from. `pool` picks
+    the feature: the class token ("cls") or the mean of the patch tokens ("avg", the global pooling the
+    reference uses for fine-tuning).
     """
 
-    def __init__(self, mae: MaskedAutoencoderViT):
+    def __init__(self, mae: MaskedAutoencoderViT, pool: str = "cls"):
         super().__init__()
+        if pool not in ("cls", "avg"):
+            raise ValueError(f"pool must be 'cls' or 'avg', not {pool!r}")
+        self.pool = pool
         self.patch_embed, self.cls_token, self.pos_embed = mae.patch_embed, mae.cls_token, mae.pos_embed
         self.blocks, self.norm = mae.blocks, mae.norm
 
@@ -254,4 +259,5 @@ class MAEEncoder(nn.Module):
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 0]
+        x = self.norm(x)
+        return x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]

@@ -173,6 +173,56 @@ class PretrainSettings(_Strict):
         return value
 
 
+class EvaluateSettings(_Strict):
+    seed: int = Field(default=0, description="fixes the masks, so two models or runs compare on the same ones")
+    mask_ratio: float = Field(gt=0, lt=1)
+    pool: Literal["cls", "avg"] = Field(default="avg", description="encoder feature: class token or mean patch token")
+    probe_c: float = Field(default=1.0, gt=0, description="inverse L2 strength of the logistic-regression probe")
+    probe_max_iter: int = Field(default=1000, gt=0)
+    knn_k: int = Field(default=20, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    figure_images: int = Field(default=8, ge=1, description="images per group / domain grid")
+    threads: int = Field(default=2, gt=0)
+
+
+class BiasSettings(_Strict):
+    splits: list[Literal["val", "test", "heldout"]] = Field(default=["val", "test"], min_length=1,
+                                                           description="images the model never saw")
+    n_boot: int = Field(default=1000, ge=50, description="bootstrap resamples per grouping")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    power: float = Field(default=0.8, gt=0, lt=1, description="for the group size that detects the threshold")
+    seed: int = 0
+    min_group_size: int = Field(default=30, ge=1, description="smaller groups: insufficient data, values withheld")
+    max_relative_error_gap: float = Field(gt=0, description="worst group's reconstruction error / best's - 1")
+    max_accuracy_gap: float = Field(gt=0, le=1, description="best group's probe / kNN accuracy - worst's")
+    min_representation_ratio: float = Field(default=0.8, gt=0, le=1,
+                                            description="training share / population share below it is flagged")
+
+
+class ShiftSettings(_Strict):
+    seed: int = 0
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="significance level of the drift test")
+    permutations: int = Field(default=500, ge=50)
+    max_samples: int = Field(default=500, ge=10, description="per side of a drift test (bounds its cost)")
+    classifier_folds: int = Field(default=5, ge=2)
+    n_boot: int = Field(default=1000, ge=50)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    max_domain_auc: float = Field(gt=0.5, le=1, description="a significant drift with a larger AUC fails")
+    max_relative_error_increase: float = Field(gt=0, description="held-out domain error / in-distribution - 1")
+    max_accuracy_drop: float = Field(gt=0, le=1)
+    max_relative_mce: float = Field(gt=1, description="mean corruption error relative to clean images")
+    corruption_images: int = Field(default=256, ge=1)
+    mask_ratios: list[float] = Field(default=[0.25, 0.5, 0.75, 0.9], min_length=1)
+    overtrust_images: int = Field(default=2, ge=1)
+
+    @field_validator("mask_ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if not all(0 < r < 1 for r in value):
+            raise ValueError("mask ratios must lie strictly between 0 and 1")
+        return value
+
+
 class Params(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
 
@@ -182,6 +232,9 @@ class Params(_Strict):
     validation: ValidationSettings
     prepare: PrepareSettings
     pretrain: PretrainSettings
+    evaluate: EvaluateSettings
+    audit_bias: BiasSettings
+    audit_shift: ShiftSettings
 
 
 

@@ -19,13 +19,13 @@ import torch
 from pipeline import PipelineError
 from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
 from pipeline.params import DEFAULT_PARAMS, PretrainSettings, load_params
-from pipeline.paths import INGESTED, PREPARED
+from pipeline.paths import INGESTED, MODEL_DIR, PREPARED
+from pipeline.reconstruction import masking_noise, reconstruction_figure
 from pipeline.tracking import lineage_tags, md5, quiet, silenced_stdout, tracking_uri, write_run_file
 from pipeline.train import State, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = Path("models/mae")
 CHECKPOINT = Path("models/checkpoints/pretrain.pt")
 METRICS = Path("metrics/pretrain.json")
 LOSS_CURVE = Path("metrics/pretrain_loss.csv")
@@ -44,45 +44,6 @@ def load_split(folder: Path, split: str) -> np.ndarray:
         return np.load(path)
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
-
-
-@torch.no_grad()
-def reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, mean: np.ndarray, std: np.ndarray,
-                          mask_ratio: float, seed: int):
-    """Rows of original / masked / reconstruction (visible patches pasted back), as the MAE paper shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model.eval()
-    noise = torch.rand(len(images), model.patch_embed.num_patches, generator=torch.Generator().manual_seed(seed))
-    loss, pred, mask = model(images, mask_ratio, noise)
-    if model.norm_pix_loss:  # predictions are per-patch normalised: undo it with each patch's own statistics
-        target = model.patchify(images)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    patch_mask = mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans)
-    hidden = model.unpatchify(patch_mask)
-    reconstruction = model.unpatchify(pred)
-    pasted = images * (1 - hidden) + reconstruction * hidden
-
-    def show(x: torch.Tensor) -> np.ndarray:
-        x = x.permute(1, 2, 0).numpy() * std + mean
-        return np.clip(x, 0, 1).squeeze()
-
-    columns = len(images)
-    figure, axes = plt.subplots(3, columns, figsize=(1.4 * columns, 4.6), squeeze=False)
-    cmap = "gray" if model.in_chans == 1 else None
-    for i in range(columns):
-        panels = (images[i], images[i] * (1 - hidden[i]) + 0.5 * hidden[i], pasted[i])
-        for row, panel in enumerate(panels):
-            axes[row, i].imshow(show(panel), cmap=cmap, vmin=0, vmax=1)
-            axes[row, i].axis("off")
-    for row, title in enumerate(("original", f"masked {mask_ratio:.0%}", "reconstruction")):
-        axes[row, 0].set_title(title, fontsize=8, loc="left")
-    figure.suptitle(f"held-out images, masked-patch loss {float(loss):.3f}", fontsize=9)
-    figure.tight_layout()
-    return figure
 
 
 def _start_run(mlflow, settings: PretrainSettings, state: State, params_flat: dict, tags: dict, datasets: list):
@@ -190,8 +151,9 @@ def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, m
             writer.writerow({"epoch": row["epoch"], "train_loss": round(row["train_loss"], 6),
                              "val_loss": round(row.get("val_loss", float("nan")), 6)})
 
-    figure = reconstruction_figure(model, val_images[:settings.figure_images], mean, std, settings.mask_ratio,
-                                   settings.seed)
+    shown = val_images[:settings.figure_images]
+    figure = reconstruction_figure(model, shown, masking_noise(len(shown), model.patch_embed.num_patches, settings.seed),
+                                   mean, std, settings.mask_ratio, "validation images")
     figure.savefig(model_dir / "reconstructions.png", dpi=120)
     encoder = MAEEncoder(model).eval()
     example = val_images[:2]

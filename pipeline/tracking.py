@@ -83,3 +83,31 @@ def write_run_file(run, path: Path = RUN_FILE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                                 "tracking_uri": tracking_uri()}, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def model_run(run_file: Path = RUN_FILE):
+    """Reopen the MLflow run that trained the model, so a later stage logs its evidence beside the model."""
+    from pipeline import PipelineError
+
+    quiet()
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_id = json.loads(run_file.read_text())["run_id"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise PipelineError(f"{run_file}: cannot read the model's MLflow run id ({exc}); run `dvc repro pretrain`") \
+            from None
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        with silenced_stdout():
+            mlflow.start_run(run_id=run_id)
+    except MlflowException as exc:
+        raise PipelineError(f"{run_file}: MLflow run {run_id} is not in {tracking_uri()} "
+                            f"({str(exc).splitlines()[0]})") from None
+    try:
+        yield mlflow
+    finally:
+        with silenced_stdout():
+            mlflow.end_run()

@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,9 @@ def small_params(num_images: int = 300) -> dict:
     params = copy.deepcopy(default_params())
     params["datasets"]["synthetic"]["num_images"] = num_images
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1, figure_images=4, threads=1)
+    params["evaluate"].update(figure_images=4, threads=1)
+    params["audit_bias"].update(n_boot=200)
+    params["audit_shift"].update(n_boot=200, permutations=200, corruption_images=64)
     return params
 
 
@@ -42,6 +45,7 @@ class Workspace:
     """A folder laid out like the repository (cards, withdrawals, params) to run stages in."""
 
     root: Path
+    env: dict = field(default_factory=dict)
 
     def write_params(self, params: dict) -> Path:
         path = self.root / "params.yaml"
@@ -49,7 +53,7 @@ class Workspace:
         return path
 
     def run(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return run_cli(*args, cwd=self.root, env=env)
+        return run_cli(*args, cwd=self.root, env={**self.env, **(env or {})})
 
     def run_ok(self, *commands: tuple[str, ...]) -> None:
         """Run stages one after another, each of which must succeed."""
@@ -66,4 +70,22 @@ def workspace(tmp_path: Path) -> Workspace:
     shutil.copytree(ROOT / "data_cards", tmp_path / "data_cards")
     space = Workspace(tmp_path)
     space.write_params(small_params())
+    return space
+
+
+def mlflow_env(root: Path) -> dict:
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory) -> Workspace:
+    """Synthetic data ingested, validated, split, pretrained (tiny) and evaluated once per session:
+    the input of the evaluation, audit and report tests, which must not change it."""
+    root = tmp_path_factory.mktemp("evaluated")
+    shutil.copytree(ROOT / "data_cards", root / "data_cards")
+    space = Workspace(root, env=mlflow_env(root))
+    params = small_params(600)
+    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
+    space.write_params(params)
+    space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
     return space

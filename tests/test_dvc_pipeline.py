@@ -39,7 +39,8 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare", "pretrain"}
+AUDITS = {"evaluate", "audit_bias", "audit_shift"}
+ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare", "pretrain"} | AUDITS
 
 
 def edit_params(repo: Path, edit) -> None:
@@ -59,15 +60,17 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
     assert (repo / "models" / "mae" / "model.pt").is_file() and (repo / "mlflow.db").is_file()
     metrics = dvc(repo, "metrics", "show", "--json")
     assert "val_masked_loss" in metrics.stdout and "val_patch_mean_baseline" in metrics.stdout
+    assert "margin_over_raw_pixels" in metrics.stdout and "mse_random_init" in metrics.stdout
+    assert (repo / "reports" / "bias" / "bias.json").is_file() and (repo / "reports" / "shift" / "shift.json").is_file()
 
     nothing = dvc(repo, "repro")
     assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
 
     edit_params(repo, lambda p: p["pretrain"].update(seed=3))
-    assert ran(dvc(repo, "repro")) == {"pretrain"}
+    assert ran(dvc(repo, "repro")) == {"pretrain"} | AUDITS
 
     edit_params(repo, lambda p: p["prepare"].update(seed=7))
-    assert ran(dvc(repo, "repro")) == {"prepare", "pretrain"}
+    assert ran(dvc(repo, "repro")) == {"prepare", "pretrain"} | AUDITS
 
     # a threshold that does not change any outcome re-runs validation but leaves the splits alone
     edit_params(repo, lambda p: p["validation"].update(min_group_count=49))

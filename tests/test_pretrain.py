@@ -16,7 +16,7 @@ import torch
 
 from pipeline.mae import build
 from pipeline.train import learning_rate, param_groups
-from tests.conftest import ROOT, Workspace, small_params
+from tests.conftest import ROOT, Workspace, mlflow_env, small_params
 
 TINY_TRAINING = dict(epochs=4, batch_size=32, checkpoint_every=1, warmup_epochs=1, figure_images=4, threads=1)
 
@@ -65,22 +65,18 @@ def training_space(prepared: Path, tmp_path: Path, **changes) -> Workspace:
     return space
 
 
-def mlflow_env(space: Workspace) -> dict:
-    return {"MLFLOW_TRACKING_URI": f"sqlite:///{space.root / 'mlflow.db'}"}
-
-
 def weights(space: Workspace) -> dict[str, torch.Tensor]:
     return torch.load(space.root / "models" / "mae" / "model.pt")
 
 
 def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared: Path, tmp_path: Path):
     straight = training_space(prepared, tmp_path / "straight")
-    result = straight.run("pretrain", env=mlflow_env(straight))
+    result = straight.run("pretrain", env=mlflow_env(straight.root))
     assert result.returncode == 0, result.stderr
 
     interrupted = training_space(prepared, tmp_path / "interrupted")
     checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted.root)}
     child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -92,7 +88,7 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared:
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
-    resumed = interrupted.run("pretrain", env=mlflow_env(interrupted))
+    resumed = interrupted.run("pretrain", env=mlflow_env(interrupted.root))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
 
@@ -104,8 +100,8 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared:
     # one MLflow run per model, even across the kill
     import mlflow
 
-    runs = mlflow.MlflowClient(mlflow_env(interrupted)["MLFLOW_TRACKING_URI"]).search_runs(
-        [mlflow.MlflowClient(mlflow_env(interrupted)["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
+    runs = mlflow.MlflowClient(mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]).search_runs(
+        [mlflow.MlflowClient(mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
             "mae-pretrain").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
@@ -113,9 +109,9 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared:
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared: Path, tmp_path: Path):
     # with gradient accumulation on both sides, so DDP's no_sync path on the first micro-batch is exercised
     single = training_space(prepared, tmp_path / "single", epochs=2, batch_size=16, accum_steps=2)
-    assert single.run("pretrain", env=mlflow_env(single)).returncode == 0
+    assert single.run("pretrain", env=mlflow_env(single.root)).returncode == 0
     ddp = training_space(prepared, tmp_path / "ddp", epochs=2, batch_size=8, accum_steps=2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(ddp)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(ddp.root)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "pipeline", "pretrain"], cwd=ddp.root, env=env, capture_output=True, text=True,
                             timeout=600)
@@ -127,7 +123,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared
 
 def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
     space = training_space(prepared, tmp_path, base_lr=1e12, warmup_epochs=0)
-    result = space.run("pretrain", env=mlflow_env(space))
+    result = space.run("pretrain", env=mlflow_env(space.root))
     assert result.returncode == 2
     assert "non-finite loss" in result.stderr and "step" in result.stderr
     assert "Traceback" not in result.stderr
@@ -138,10 +134,10 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     from mlflow import MlflowClient
 
     space = training_space(prepared, tmp_path)
-    result = space.run("pretrain", env=mlflow_env(space))
+    result = space.run("pretrain", env=mlflow_env(space.root))
     assert result.returncode == 0, result.stderr
     run_file = json.loads((space.root / "models" / "mae" / "run.json").read_text())
-    client = MlflowClient(mlflow_env(space)["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_file["run_id"])
     assert run.data.params["mask_ratio"] == "0.75" and run.data.params["preset"] == "micro"
     tags = run.data.tags
@@ -163,7 +159,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     assert [m.name for m in models] == ["encoder"] and models[0].source_run_id == run.info.run_id
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(mlflow_env(space)["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 96)
     metrics = json.loads((space.root / "metrics" / "pretrain.json").read_text())

@@ -37,7 +37,7 @@ def _choice(rng: np.random.Generator, shares: dict[str, object]) -> str:
 def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of one shape at a random place and size."""
     n = size * SUPERSAMPLE
-    radius = rng.uniform(0.18, 0.3) * n
+    radius = rng.uniform(0.2, 0.3) * n
     cy, cx = rng.uniform(radius, n - radius, size=2)
     y, x = np.mgrid[0:n, 0:n] + 0.5
     dy, dx = y - cy, x - cx
@@ -54,20 +54,24 @@ def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _texture(group_index: int, num_groups: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A two-colour grating whose orientation is set by the group: groups are rotations of each other."""
+    """A low-contrast two-colour grating whose orientation is set by the group: groups are rotations of each
+    other."""
     angle = np.pi * group_index / num_groups + rng.normal(0, 0.08)
     frequency = rng.uniform(0.16, 0.3)  # cycles per pixel
     phase = rng.uniform(0, 2 * np.pi)
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     wave = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-    low, high = rng.uniform(0.1, 0.9, size=(2, 3))
-    return low + (high - low) * wave[:, :, None]
+    base = rng.uniform(0.3, 0.7, size=3)
+    amplitude = rng.uniform(0.08, 0.2)
+    return base - amplitude + 2 * amplitude * wave[:, :, None]
 
 
 def render(shape: str, group_index: int, num_groups: int, site, size: int, channels: int,
            rng: np.random.Generator) -> np.ndarray:
     background = _texture(group_index, num_groups, size, rng)
-    colour = rng.uniform(0, 1, size=3)
+    # the shape stands out from the low-contrast grating in every channel, lighter or darker
+    offset = rng.choice([-1, 1], size=3) * rng.uniform(0.25, 0.45, size=3)
+    colour = np.clip(background.mean(axis=(0, 1)) + offset, 0, 1)
     coverage = _shape_mask(shape, size, rng)[:, :, None]
     image = background * (1 - coverage) + colour * coverage
     image = image * np.asarray(site.color_cast)

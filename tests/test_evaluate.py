@@ -1,0 +1,115 @@
+"""Evaluation: metric functions by hand, real baselines, one row per record, and label-less datasets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.evaluate import accuracy, memorization
+from pipeline.mae import build
+from pipeline.reconstruction import masking_noise, psnr, reconstruct
+from tests.conftest import ROOT, Workspace, mlflow_env, small_params
+
+
+def test_psnr_and_accuracy_by_hand():
+    assert psnr(0.01) == pytest.approx(20.0)
+    assert psnr(np.array([1.0, 1e-4])) == pytest.approx([0.0, 40.0])
+    assert accuracy(np.array(["a", "b", "b", "c"]), np.array(["a", "b", "c", "c"])) == 0.75
+
+
+def test_patch_mean_baseline_error_is_each_hidden_patch_variance():
+    """A striped image whose every 4x4 patch holds 0s and 1s: predicting each patch's mean is off by 0.5
+    on every pixel, so MSE 0.25 whichever patches are hidden; the same seed hides the same patches."""
+    model = build("micro", 8, 4, 1)
+    stripes = torch.zeros(2, 1, 8, 8)
+    stripes[:, :, ::2, :] = 1.0
+    noise = masking_noise(2, 4, seed=3)
+    assert torch.equal(noise, masking_noise(2, 4, seed=3)) and not torch.equal(noise, masking_noise(2, 4, seed=4))
+    result = reconstruct(model, stripes, noise, 0.5, np.zeros(1), np.ones(1), patch_mean=True)
+    assert result.mse.numpy() == pytest.approx([0.25, 0.25])
+    assert result.hidden.mean(dim=(1, 2, 3)).numpy() == pytest.approx([0.5, 0.5])
+    visible = result.hidden == 0
+    assert torch.equal(result.pasted[visible], stripes[visible]), "visible pixels are pasted back unchanged"
+
+
+def test_memorization_compares_training_with_unseen_images_per_group():
+    samples = pd.DataFrame({
+        "split": ["train", "train", "val", "test", "train", "test", "heldout"],
+        "group": ["a", "a", "a", "a", "b", "b", "b"],
+        "recon_mse": [0.1, 0.3, 0.4, 0.4, 0.2, 0.2, 9.0],
+    })
+    result = memorization(samples, ["group"])
+    assert result["train_mse"] == pytest.approx(0.2) and result["unseen_mse"] == pytest.approx(1.0 / 3)
+    assert result["by_group"]["group"]["a"]["gap"] == pytest.approx(0.2)
+    assert result["by_group"]["group"]["a"]["ratio"] == pytest.approx(2.0)
+    assert result["by_group"]["group"]["b"]["gap"] == pytest.approx(0.0), "held-out domains are not 'unseen'"
+
+
+def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_record(evaluated: Workspace):
+    root = evaluated.root
+    samples = pd.read_parquet(root / "data" / "eval" / "samples.parquet")
+    prepared = pd.concat([pd.read_parquet(root / "data" / "prepared" / "synthetic" / f"{split}.parquet")
+                          .assign(split=split) for split in ("train", "val", "test", "heldout")])
+    assert len(samples) == len(prepared) and samples["record_id"].is_unique
+    assert set(samples["record_id"]) == set(prepared["record_id"]), "every evaluated record has exactly one row"
+    merged = samples.merge(prepared[["record_id", "split", "label", "group", "domain"]], on="record_id",
+                           suffixes=("", "_prepared"))
+    for column in ("split", "label", "group", "domain"):
+        assert (merged[column] == merged[f"{column}_prepared"]).all()
+    unseen = samples[samples["split"] != "train"]
+    assert unseen["probe_pred"].notna().all() and unseen["knn_pred"].notna().all()
+    assert samples.loc[samples["split"] == "train", "probe_pred"].isna().all()
+    assert (unseen["probe_correct"] == (unseen["probe_pred"] == unseen["label"])).all()
+    assert np.allclose(samples["psnr"], 10 * np.log10(1 / samples["recon_mse"]))
+
+    embeddings = np.load(root / "data" / "eval" / "embeddings.npz")
+    assert list(embeddings["record_id"]) == list(samples["record_id"])
+    assert embeddings["mae"].shape == embeddings["random_init"].shape == (len(samples), 96)
+    assert not np.allclose(embeddings["mae"], embeddings["random_init"]), "the random encoder is really computed"
+
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    for method in ("probe", "knn"):
+        test = metrics[method]["test"]
+        assert set(test) == {"mae", "random_init", "raw_pixels"} and all(0 <= v <= 1 for v in test.values())
+        assert metrics[method]["margin_over_random_init"] == pytest.approx(test["mae"] - test["random_init"], abs=2e-6)
+    assert metrics["reconstruction"]["test"]["mse"] < metrics["reconstruction"]["test"]["mse_random_init"]
+    assert metrics["reconstruction"]["test"]["count"] == int((samples["split"] == "test").sum())
+    memo = metrics["memorization"]
+    assert set(memo["by_group"]["group"]) == {"group_a", "group_b"} and "gap" in memo
+
+    figures = {path.name for path in (root / "reports" / "eval").glob("*.png")}
+    assert figures == {"group-group_a.png", "group-group_b.png", "domain-site_north.png", "domain-site_south.png",
+                       "domain-site_east.png"}
+
+    client = mlflow.MlflowClient(mlflow_env(root)["MLFLOW_TRACKING_URI"])
+    run = client.get_run(json.loads((root / "models" / "mae" / "run.json").read_text())["run_id"])
+    assert run.data.metrics["eval.probe.test.mae"] == pytest.approx(metrics["probe"]["test"]["mae"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/eval.json", "eval/figures"}
+
+
+def test_one_channel_dataset_without_labels_skips_probe_and_knn_and_says_why(tmp_path):
+    shutil.copytree(ROOT / "data_cards", tmp_path / "data_cards")
+    card_file = tmp_path / "data_cards" / "sklearn_digits.yaml"
+    card = yaml.safe_load(card_file.read_text())
+    del card["labels"]
+    card_file.write_text(yaml.safe_dump(card))
+    space = Workspace(tmp_path, env=mlflow_env(tmp_path))
+    params = small_params()
+    params["datasets"] = {"sklearn_digits": params["datasets"]["sklearn_digits"]}
+    params["pretrain"].update(dataset="sklearn_digits", epochs=1)
+    space.write_params(params)
+    space.run_ok(("ingest", "sklearn_digits"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
+    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    assert metrics["probe"] == {"available": False, "reason": "card sklearn_digits declares no labels"}
+    assert metrics["knn"]["available"] is False
+    samples = pd.read_parquet(tmp_path / "data" / "eval" / "samples.parquet")
+    assert len(samples) == 1797 and samples["probe_correct"].isna().all()
+    assert metrics["reconstruction"]["test"]["mse"] > 0
+    assert {p.name for p in (tmp_path / "reports" / "eval").glob("*.png")} == {"domain-sklearn_digits.png"}
