@@ -33,6 +33,15 @@ def overall_status(statuses: list[str]) -> str:
     return max(statuses, key=STATUSES.index)
 
 
+def fmt(value, digits: int = 4) -> str:
+    """A number, an interval or a missing value as report text."""
+    if value is None:
+        return "—"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def write_report(folder: Path, name: str, result: dict, markdown: str, run_file: Path | None) -> None:
     """<name>.json and <name>.md beside the figures already in `folder`; all of them on the model's run."""
     folder.mkdir(parents=True, exist_ok=True)

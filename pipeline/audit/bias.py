@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import PipelineError
-from pipeline.audit import interval_decision, overall_status, write_report
+from pipeline.audit import fmt, interval_decision, overall_status, write_report
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.params import DEFAULT_PARAMS, BiasSettings, load_params
 from pipeline.paths import BIAS_REPORT, EVAL, MODEL_DIR
@@ -200,14 +200,6 @@ def _anchor(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def markdown(result: dict) -> str:
     level = f"{result['confidence']:.0%}"
     lines = [f"# Bias audit: {result['dataset']}", "",
@@ -222,8 +214,8 @@ def markdown(result: dict) -> str:
     lines += ["", "| check | status | statistic | value | interval | threshold | worst group |",
               "|---|---|---|---|---|---|---|"]
     for check in result["checks"]:
-        lines.append(f"| {check['id']} | {check['status']} | {check['statistic']} | {_fmt(check['value'])} | "
-                     f"{_fmt(check['interval'])} | {check['threshold']} | {check.get('worst_group') or '—'} |")
+        lines.append(f"| {check['id']} | {check['status']} | {check['statistic']} | {fmt(check['value'])} | "
+                     f"{fmt(check['interval'])} | {check['threshold']} | {check.get('worst_group') or '—'} |")
     for name, report in result["groupings"].items():
         lines += ["", f"## {name}", "", f"![{name}]({_anchor(name)}.png)", ""]
         if report["insufficient_data"]:
@@ -236,8 +228,8 @@ def markdown(result: dict) -> str:
                 lines += ["Not enough groups with data to compare.", ""]
                 continue
             needed = entry["required_group_size"]
-            lines += [f"Overall {_fmt(entry['overall'])} {_fmt(entry['overall_interval'])}; worst group "
-                      f"{entry['worst_group']} {_fmt(entry['worst_value'])} {_fmt(entry['worst_interval'])}. "
+            lines += [f"Overall {fmt(entry['overall'])} {fmt(entry['overall_interval'])}; worst group "
+                      f"{entry['worst_group']} {fmt(entry['worst_value'])} {fmt(entry['worst_interval'])}. "
                       f"Detecting a gap at the threshold ({entry['threshold']}) with {level} confidence needs about "
                       f"{needed if needed is not None else '—'} samples per group.", "",
                       "| group | n | value | interval | gap to best | ratio to best | gap to overall |",
@@ -246,16 +238,16 @@ def markdown(result: dict) -> str:
                 if item["status"] != "ok":
                     lines.append(f"| {group} | {item['count']} | insufficient data | | | | |")
                 else:
-                    lines.append(f"| {group} | {item['count']} | {_fmt(item['value'])} | {_fmt(item['interval'])} | "
-                                 f"{_fmt(item['gap_to_best'])} | {_fmt(item['ratio_to_best'], 3)} | "
-                                 f"{_fmt(item['gap_to_overall'])} |")
+                    lines.append(f"| {group} | {item['count']} | {fmt(item['value'])} | {fmt(item['interval'])} | "
+                                 f"{fmt(item['gap_to_best'])} | {fmt(item['ratio_to_best'], 3)} | "
+                                 f"{fmt(item['gap_to_overall'])} |")
             lines.append("")
     lines += ["", "## Representation", "", "| attribute | group | training images | training share | "
               "population share | ratio |", "|---|---|---|---|---|---|"]
     for attr, entry in result["representation"].items():
         for group, item in entry["groups"].items():
             lines.append(f"| {attr} | {group} | {item['train_count']} | {item['train_share']:.1%} | "
-                         f"{_fmt(item['population_share'], 3)} | {_fmt(item['ratio'], 3)} |")
+                         f"{fmt(item['population_share'], 3)} | {fmt(item['ratio'], 3)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,5 +299,5 @@ def audit_bias(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_
     write_report(out, "bias", result, markdown(result), model_dir / "run.json" if log_to_mlflow else None)
     for check in result["checks"]:
         log.info("%s: %s (%s %s, interval %s, threshold %s)", check["id"], check["status"], check["statistic"],
-                 _fmt(check["value"]), _fmt(check["interval"]), check["threshold"])
+                 fmt(check["value"]), fmt(check["interval"]), check["threshold"])
     return result

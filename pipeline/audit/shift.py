@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from pipeline import PipelineError
-from pipeline.audit import interval_decision, overall_status, write_report
+from pipeline.audit import fmt, interval_decision, overall_status, write_report
 from pipeline.cards import card_path, load_card
 from pipeline.evaluate import SPLITS, UNSEEN, embed, linear_probe, load_model
 from pipeline.params import DEFAULT_PARAMS, ShiftSettings, load_params
@@ -326,32 +326,24 @@ def curves_figure(suite: dict):
     return figure
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
 def markdown(result: dict) -> str:
     lines = [f"# Domain-shift audit: {result['dataset']}", "", f"**Status: {result['status'].upper()}**", "",
              "| check | status | statistic | value | interval | p-value | threshold |", "|---|---|---|---|---|---|---|"]
     for c in result["checks"]:
-        lines.append(f"| {c['id']} | {c['status']} | {c['statistic']} | {_fmt(c.get('value'))} | "
-                     f"{_fmt(c.get('interval'))} | {_fmt(c.get('p_value'))} | {c['threshold']} |")
+        lines.append(f"| {c['id']} | {c['status']} | {c['statistic']} | {fmt(c.get('value'))} | "
+                     f"{fmt(c.get('interval'))} | {fmt(c.get('p_value'))} | {c['threshold']} |")
     lines += ["", "## Domains", ""]
     domains = result["domains"]
     lines.append(f"In distribution (unseen val / test): {domains['in_distribution']['count']} images, "
-                 f"reconstruction MSE {_fmt(domains['in_distribution']['recon_mse'])}, probe accuracy "
-                 f"{_fmt(domains['in_distribution']['probe_accuracy'], 3)}.")
+                 f"reconstruction MSE {fmt(domains['in_distribution']['recon_mse'])}, probe accuracy "
+                 f"{fmt(domains['in_distribution']['probe_accuracy'], 3)}.")
     for name, entry in domains.items():
         if name in ("in_distribution", "worst_domain"):
             continue
-        lines.append(f"- {name}: {entry['count']} images, MSE {_fmt(entry.get('recon_mse'))}, relative increase "
-                     f"{_fmt((entry.get('relative_error_increase') or {}).get('value'))} "
-                     f"{_fmt((entry.get('relative_error_increase') or {}).get('interval'))}; probe accuracy "
-                     f"{_fmt(entry.get('probe_accuracy'), 3)}")
+        lines.append(f"- {name}: {entry['count']} images, MSE {fmt(entry.get('recon_mse'))}, relative increase "
+                     f"{fmt((entry.get('relative_error_increase') or {}).get('value'))} "
+                     f"{fmt((entry.get('relative_error_increase') or {}).get('interval'))}; probe accuracy "
+                     f"{fmt(entry.get('probe_accuracy'), 3)}")
     if "worst_domain" in domains:
         lines.append(f"\nWorst domain by reconstruction error: **{domains['worst_domain']}**.")
     lines += ["", "## Embedding drift", "", "| compared with training | MMD² | p-value | domain AUC | status |",
@@ -367,7 +359,7 @@ def markdown(result: dict) -> str:
               "| corruption | " + " | ".join(f"severity {s}" for s in SEVERITIES) + " |",
               "|---|" + "---|" * len(SEVERITIES)]
     for name, curve in suite["curves"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(point["recon_mse"]) for point in curve) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(point["recon_mse"]) for point in curve) + " |")
     lines += ["", "## Overtrust", "", "![overtrust](overtrust.png)", "",
               "Each reconstruction is labelled with its hidden-pixel error; out-of-domain and corrupted images can "
               "look as convincing as in-domain ones."]
@@ -439,6 +431,6 @@ def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data
     plt.close(figure)
     write_report(out, "shift", result, markdown(result), model_dir / "run.json" if log_to_mlflow else None)
     for check in result["checks"]:
-        log.info("%s: %s (%s %s%s)", check["id"], check["status"], check["statistic"], _fmt(check.get("value")),
+        log.info("%s: %s (%s %s%s)", check["id"], check["status"], check["statistic"], fmt(check.get("value")),
                  f", p {check['p_value']:.4f}" if "p_value" in check else "")
     return result
