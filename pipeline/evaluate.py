@@ -249,8 +249,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
             scores[method]["available"] = True
         for table, name in zip(tables, splits):
             for method in ("probe", "knn"):
-                predicted = predictions[method].get(name)
-                table[f"{method}_pred"] = predicted if predicted is not None else None
+                table[f"{method}_pred"] = predictions[method].get(name)  # None for the train rows
                 correct = (table[f"{method}_pred"] == table["label"]).astype(float)
                 table[f"{method}_correct"] = correct.where(table[f"{method}_pred"].notna() & table["label"].notna())
 
