@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test ui install clean
+# Debian's chromium opens the governance report in a test; installed once, with sudo when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test ui install browser clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,12 +18,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the whole pipeline on the embedded default data.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium (the report test opens report.html in it)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+## Run the whole pipeline on the embedded default data; ends with the release decision.
 run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 dvc repro
+	@$(BIN)/python -m pipeline release || true
 
 ## Run the test suite.
-test: $(STAMP)
+test: $(STAMP) browser
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 ## The MLflow UI on the project's store at http://127.0.0.1:5000

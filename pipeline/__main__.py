@@ -99,6 +99,50 @@ def _audit_shift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import Inputs, report
+
+    result = report(params_path=args.params, inputs=Inputs(cards_dir=args.cards))
+    model = result["model"]
+    log.info("release decision: %s (%d blocking checks); %s version %s; report: %s", result["decision"].upper(),
+             len(result["blocked_by"]), model["registered_model"], model["version"], result["report"]["html"])
+    return 0
+
+
+def _release(args: argparse.Namespace) -> int:
+    from pipeline.paths import GOVERNANCE_REPORT
+    from pipeline.registry import release_gate
+    from pipeline.tracking import RUN_FILE
+
+    approved, lines = release_gate(args.release_file, RUN_FILE)
+    for line in lines:
+        print(line)
+    print(f"release decision: {'APPROVED' if approved else 'BLOCKED'}; report: {GOVERNANCE_REPORT / 'report.html'}")
+    return 0 if approved else 1
+
+
+def _consent_check(args: argparse.Namespace) -> int:
+    from pipeline.ingest import load_withdrawals
+    from pipeline.params import load_params
+    from pipeline.registry import consent_check
+
+    params = load_params(args.params)
+    path = Path(params.policy.withdrawals_file)
+    findings = consent_check(params.report.registered_model, load_withdrawals(path), str(path))
+    touched = [f for f in findings if f["withdrawn"] or f["records"] is None]
+    for f in findings:
+        if f["records"] is None:
+            print(f"{params.report.registered_model} version {f['version']} (run {f['run_id']}): cannot tell, "
+                  f"{f['error']}")
+        elif f["withdrawn"]:
+            shown = ", ".join(f["withdrawn"][:5]) + (" ..." if len(f["withdrawn"]) > 5 else "")
+            print(f"{params.report.registered_model} version {f['version']} (run {f['run_id']}): trained on "
+                  f"{len(f['withdrawn'])} withdrawn records: {shown}")
+    log.info("%d of %d registered versions of %s trained on records withdrawn in %s", len(touched), len(findings),
+             params.report.registered_model, path)
+    return 1 if touched else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -170,6 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
           "ratios with their errors. Decides each check against the thresholds under `audit_shift:`, writes "
           "reports/shift/ (shift.json, shift.md, figures) and logs it to the model's MLflow run. Exit status 0 "
           "whatever the findings.", _audit_shift)
+    stage("report", "write the governance report and register the model (DVC stage report)",
+          "Answer each governance question (provenance, consent, validation, training, evaluation, bias, domain shift, "
+          "memorization, overtrust, intended use) with the evidence the earlier stages wrote, and decide the release: "
+          "blocked when a check not listed under report.advisory has a status in report.block_on. Writes "
+          "reports/governance/ (report.html that opens offline, report.md, model_card.md, release.json, "
+          "training_records.csv, croissant/<dataset>.json, figures/), registers the encoder as a version of "
+          "report.registered_model with the decision and data hashes as tags, alias `candidate` on it and "
+          "`approved` only when approved, and logs the folder to the model's run. Exit status 0 whatever the "
+          "decision.", _report)
+    release = commands.add_parser(
+        "release", help="the release gate: exit 0 only when the current report approves the model",
+        description="Read reports/governance/release.json, print every check that blocks the release (one per line) "
+        "and the decision. Exit 0 only when the decision is approved and the report was written for the current "
+        "model (models/mae/run.json); otherwise 1. For a CI/CD release job.")
+    release.add_argument("--release-file", type=Path, default=Path("reports/governance/release.json"),
+                         help="release decision to check (default: reports/governance/release.json)")
+    release.set_defaults(handler=_release)
+    stage("consent-check", "list registered model versions trained on withdrawn records",
+          "Read the withdrawals file (policy.withdrawals_file: record ids, pixel sha256s or source-file sha256s) "
+          "and every registered version of report.registered_model with the training record ids logged beside "
+          "it; print each version trained on a withdrawn record and tag it in MLflow (consent.status = "
+          "withdrawn_records). Exit 1 when any version is affected or cannot be checked. The next `dvc repro` "
+          "quarantines the records and retrains.", _consent_check, cards=False)
     return parser
 
 

@@ -223,6 +223,17 @@ class ShiftSettings(_Strict):
         return value
 
 
+class ReportSettings(_Strict):
+    registered_model: str = Field(default="mae-encoder", pattern=r"^[A-Za-z0-9_.-]+$")
+    block_on: list[Literal["fail", "inconclusive"]] = Field(default=["fail"], min_length=1)
+    advisory: list[str] = Field(default=[], description="check-id patterns reported but not blocking")
+    max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1")
+    n_boot: int = Field(default=1000, ge=50)
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = 0
+    figure_width: int = Field(default=720, ge=100)
+
+
 class Params(_Strict):
     model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
 
@@ -235,7 +246,7 @@ class Params(_Strict):
     evaluate: EvaluateSettings
     audit_bias: BiasSettings
     audit_shift: ShiftSettings
-
+    report: ReportSettings
 
 
 def field_path(loc: tuple) -> str:

@@ -166,12 +166,12 @@ def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, m
         mlflow.log_figure(figure, "figures/reconstructions.png")
         mlflow.log_artifact(str(model_dir / "config.json"))
         mlflow.log_artifact(str(curve_file))
-        mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
+        logged = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
                                  signature=infer_signature(example.numpy(), output.numpy()),
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
                                  code_paths=[str(Path(__file__).parent)])
         run = mlflow.active_run()
-        write_run_file(run, model_dir / "run.json")
+        write_run_file(run, logged.model_uri, model_dir / "run.json")
         mlflow.end_run()
     log.info("val masked-patch loss %.4f against the per-patch-mean baseline %.4f (%.0f%% lower); MLflow run %s",
              val_loss, baseline, 100 * metrics["improvement_over_baseline"], state.run_id)

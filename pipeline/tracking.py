@@ -79,10 +79,11 @@ def lineage_tags(inputs: list[Path], provenance_files: list[Path]) -> dict[str, 
     return tags
 
 
-def write_run_file(run, path: Path = RUN_FILE) -> None:
+def write_run_file(run, model_uri: str, path: Path = RUN_FILE) -> None:
+    """The run and the logged encoder (`models:/<id>`) that the report stage registers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                "tracking_uri": tracking_uri()}, indent=2) + "\n")
+                                "model_uri": model_uri, "tracking_uri": tracking_uri()}, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def small_params(num_images: int = 300) -> dict:
     params["evaluate"].update(figure_images=4, threads=1)
     params["audit_bias"].update(n_boot=200)
     params["audit_shift"].update(n_boot=200, permutations=200, corruption_images=64)
+    params["report"].update(n_boot=200)
     return params
 
 
@@ -77,15 +81,61 @@ def mlflow_env(root: Path) -> dict:
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def evaluated(tmp_path_factory) -> Workspace:
-    """Synthetic data ingested, validated, split, pretrained (tiny) and evaluated once per session:
-    the input of the evaluation, audit and report tests, which must not change it."""
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (sqlite backend, artifacts proxied to a local folder) on a free local port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory, mlflow_server: str) -> Workspace:
+    """Synthetic data ingested, validated, split, pretrained (tiny) and evaluated once per session, tracked
+    by a real MLflow server: the input of the evaluation, audit and report tests, which must not change it."""
     root = tmp_path_factory.mktemp("evaluated")
     shutil.copytree(ROOT / "data_cards", root / "data_cards")
-    space = Workspace(root, env=mlflow_env(root))
+    space = Workspace(root, env={"MLFLOW_TRACKING_URI": mlflow_server})
     params = small_params(600)
     params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
     space.write_params(params)
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
     return space
+
+
+@pytest.fixture(scope="session")
+def audited(evaluated: Workspace) -> Workspace:
+    """`evaluated` with both audits run (once per session): the input of the report tests."""
+    evaluated.run_ok(("audit-bias",), ("audit-shift",))
+    return evaluated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -39,8 +41,8 @@ def repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-AUDITS = {"evaluate", "audit_bias", "audit_shift"}
-ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare", "pretrain"} | AUDITS
+ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare", "pretrain", "evaluate", "audit_bias",
+       "audit_shift", "report"}
 
 
 def edit_params(repo: Path, edit) -> None:
@@ -62,15 +64,16 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
     assert "val_masked_loss" in metrics.stdout and "val_patch_mean_baseline" in metrics.stdout
     assert "margin_over_raw_pixels" in metrics.stdout and "mse_random_init" in metrics.stdout
     assert (repo / "reports" / "bias" / "bias.json").is_file() and (repo / "reports" / "shift" / "shift.json").is_file()
+    assert (repo / "reports" / "governance" / "report.html").is_file()
 
     nothing = dvc(repo, "repro")
     assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
 
-    edit_params(repo, lambda p: p["pretrain"].update(seed=3))
-    assert ran(dvc(repo, "repro")) == {"pretrain"} | AUDITS
-
-    edit_params(repo, lambda p: p["prepare"].update(seed=7))
-    assert ran(dvc(repo, "repro")) == {"prepare", "pretrain"} | AUDITS
+    # a report threshold re-runs the report alone; an audit's, that audit and the report
+    edit_params(repo, lambda p: p["report"].update(max_memorization_gap=0.3))
+    assert ran(dvc(repo, "repro")) == {"report"}
+    edit_params(repo, lambda p: p["audit_bias"].update(n_boot=150))
+    assert ran(dvc(repo, "repro")) == {"audit_bias", "report"}
 
     # a threshold that does not change any outcome re-runs validation but leaves the splits alone
     edit_params(repo, lambda p: p["validation"].update(min_group_count=49))
@@ -80,11 +83,24 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
     # so their splits change and the model is not retrained
     with (repo / "pipeline" / "sources" / "sklearn_digits.py").open("a") as handle:
         handle.write("\n# a change to the digits source\n")
-    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits", "validate", "prepare"}
+    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits", "validate", "prepare", "report"}
 
+    # a withdrawal: consent-check names the registered version trained on the record, and the next
+    # repro quarantines it and retrains
+    trained_on = pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"].iloc[0]
     with (repo / "data_cards" / "withdrawals.csv").open("a") as handle:
-        handle.write("synthetic-000001,2026-11-26,\n")
+        handle.write(f"{trained_on},2026-11-26,\n")
+    check = subprocess.run([sys.executable, "-m", "pipeline", "consent-check"], cwd=repo, capture_output=True,
+                           text=True, env={k: v for k, v in os.environ.items()
+                                           if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")})
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "mae-encoder version 1 (run" in check.stdout and trained_on in check.stdout, check.stdout
     assert ran(dvc(repo, "repro")) == ALL
+    quarantine = pd.read_parquet(repo / "data" / "ingested" / "synthetic" / "quarantine.parquet")
+    assert set(quarantine.loc[quarantine["record_id"] == trained_on, "reason"]) == {"withdrawal_request"}
+    assert trained_on not in set(pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"])
+    release = json.loads((repo / "reports" / "governance" / "release.json").read_text())
+    assert release["model"]["version"] == "2", "the retrained model is a new version"
 
 
 def test_critical_validation_failure_stops_repro_before_prepare(repo: Path):

@@ -88,7 +88,7 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert figures == {"group-group_a.png", "group-group_b.png", "domain-site_north.png", "domain-site_south.png",
                        "domain-site_east.png"}
 
-    client = mlflow.MlflowClient(mlflow_env(root)["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient(evaluated.env["MLFLOW_TRACKING_URI"])
     run = client.get_run(json.loads((root / "models" / "mae" / "run.json").read_text())["run_id"])
     assert run.data.metrics["eval.probe.test.mae"] == pytest.approx(metrics["probe"]["test"]["mae"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/eval.json", "eval/figures"}

@@ -45,7 +45,7 @@ def fmt(value, digits: int = 4) -> str:
 def write_report(folder: Path, name: str, result: dict, markdown: str, run_file: Path | None) -> None:
     """<name>.json and <name>.md beside the figures already in `folder`; all of them on the model's run."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2, default=jsonable) + "\n")
     (folder / f"{name}.md").write_text(markdown)
     if run_file is not None:
         from pipeline.tracking import model_run
@@ -55,7 +55,8 @@ def write_report(folder: Path, name: str, result: dict, markdown: str, run_file:
             mlflow.set_tag(f"audit.{name}", result["status"])
 
 
-def _plain(value):
+def jsonable(value):
+    """numpy scalars as plain numbers for json.dumps."""
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")

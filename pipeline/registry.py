@@ -1,0 +1,189 @@
+"""The model registry side of governance: versions of the registered encoder with their evidence, the
+release gate a CI/CD job calls, and tracing a consent withdrawal to every version it touches.
+
+Each version's run carries governance/training_records.csv (record id, pixel sha256, source-file sha256 of
+every training record), so a later withdrawal can be matched by any of the three ids the withdrawals file
+accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import PipelineError
+from pipeline.audit import fmt
+from pipeline.tracking import md5, quiet, silenced_stdout, tracking_uri
+
+log = logging.getLogger(__name__)
+
+RECORDS_ARTIFACT = "governance/training_records.csv"
+ID_COLUMNS = ("record_id", "sha256", "source_sha256")
+
+
+def _client():
+    quiet()
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def _mlflow_error(what: str, exc: Exception) -> PipelineError:
+    return PipelineError(f"MLflow at {tracking_uri()}: {what} ({str(exc).splitlines()[0]})")
+
+
+def lineage_of_run(run: dict, train_path: Path, root: Path) -> dict:
+    """The run's git state and data hashes, after checking that the training manifest on disk is the one
+    the run trained on (so the record ids logged with the model are the right ones)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = _client().get_run(run["run_id"]).data.tags
+    except MlflowException as exc:
+        raise _mlflow_error(f"run {run['run_id']} of models/mae/run.json is not there", exc) from None
+    key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
+    if key in tags and tags[key] != md5(train_path):
+        raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
+                            "trained on; run `dvc repro` so model and data agree")
+    hashes = {k.removeprefix("dvc.md5."): v for k, v in sorted(tags.items()) if k.startswith("dvc.md5.")}
+    hashes.update({k: v for k, v in sorted(tags.items()) if k.startswith("data.") and k.endswith("sha256")})
+    return {"git.commit": tags.get("git.commit", "unknown"), "git.dirty": tags.get("git.dirty", "unknown"),
+            "hashes": hashes}
+
+
+def register_version(name: str, run: dict, decision: str) -> str:
+    """The registered version of this run's encoder: created once, found again when the report re-runs."""
+    from mlflow.exceptions import MlflowException
+
+    if not run.get("model_uri"):
+        raise PipelineError("models/mae/run.json: no model_uri (written by an older pretrain); run `dvc repro pretrain`")
+    client = _client()
+    try:
+        existing = client.search_model_versions(f"name='{name}' and run_id='{run['run_id']}'")
+        if existing:
+            return str(max(int(v.version) for v in existing))
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="MAE ViT encoders with their governance evidence: "
+                                                             "report, release decision and training record ids.")
+        version = client.create_model_version(name, source=run["model_uri"], run_id=run["run_id"],
+                                              tags={"release.decision": decision},
+                                              model_id=run["model_uri"].removeprefix("models:/"))
+    except MlflowException as exc:
+        raise _mlflow_error(f"cannot register {name}", exc) from None
+    log.info("registered %s version %s (run %s)", name, version.version, run["run_id"])
+    return str(version.version)
+
+
+def log_report(name: str, version: str, run: dict, folder: Path, release: dict) -> None:
+    """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    statuses = {f"release.area.{area}": entry["status"] for area, entry in release["areas"].items()}
+    try:
+        with silenced_stdout():
+            client.log_artifacts(run["run_id"], str(folder), "governance")
+        client.set_tag(run["run_id"], "release.decision", release["decision"])
+        tags = {"release.decision": release["decision"], "release.blocked_by": ", ".join(release["blocked_by"])[:5000],
+                "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
+        report = json.loads((folder / "release.json").read_text())
+        tags.update({f"data.{k}": v for k, v in report["data_hashes"].items()})
+        tags["git.commit"] = report["model"]["git_commit"]
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+        client.update_model_version(name, version, description=f"Release {release['decision']}: "
+                                    f"{len(release['blocked_by'])} blocking checks. Governance report: run "
+                                    f"{run['run_id']}, artifacts governance/report.html")
+        client.set_registered_model_alias(name, "candidate", version)
+        if release["decision"] == "approved":
+            client.set_registered_model_alias(name, "approved", version)
+        elif _alias_version(client, name, "approved") == version:
+            client.delete_registered_model_alias(name, "approved")
+    except MlflowException as exc:
+        raise _mlflow_error(f"cannot record the report on {name} version {version}", exc) from None
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+# ---------------------------------------------------------------- release gate
+
+def release_gate(release_file: Path, run_file: Path) -> tuple[bool, list[str]]:
+    """(approved, lines to print). Refuses a report written for another model than the current one."""
+    try:
+        release = json.loads(release_file.read_text())
+        current = json.loads(run_file.read_text())["run_id"]
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{exc.filename}: not found; run `dvc repro` to write the governance report") from None
+    except (ValueError, KeyError) as exc:
+        raise PipelineError(f"{release_file}: cannot read the release decision ({exc})") from None
+    if release["model"]["run_id"] != current:
+        return False, [f"stale: {release_file} was written for run {release['model']['run_id']}, the current model "
+                       f"is run {current}; run `dvc repro`"]
+    checks = {c["id"]: c for c in release["checks"]}
+    lines = []
+    for check_id in release["blocked_by"]:
+        c = checks[check_id]
+        interval = f" interval {fmt(c['interval'])}" if c.get("interval") else ""
+        lines.append(f"{check_id}: {c['status']} ({c['statistic']} {fmt(c['value'])}{interval}, threshold "
+                     f"{c['threshold']}; {c['detail']})")
+    return release["decision"] == "approved", lines
+
+
+# ---------------------------------------------------------------- consent withdrawal
+
+def affected(records: pd.DataFrame, withdrawn: frozenset[str]) -> list[str]:
+    """The ids of `records` (any id column) that the withdrawals list."""
+    hits = set()
+    for column in ID_COLUMNS:
+        if column in records:
+            hits.update(records.loc[records[column].isin(withdrawn), "record_id"])
+    return sorted(hits)
+
+
+def consent_check(name: str, withdrawn: frozenset[str], withdrawals_file: str) -> list[dict]:
+    """Every registered version of `name` with the withdrawn records it was trained on; affected versions are
+    tagged consent.status=withdrawn_records and consent.withdrawn_records=<count>."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:
+        raise _mlflow_error(f"cannot list versions of {name}", exc) from None
+    findings = []
+    for version in sorted(versions, key=lambda v: int(v.version)):
+        entry = {"version": str(version.version), "run_id": version.run_id, "records": None, "withdrawn": []}
+        try:
+            with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
+                path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=RECORDS_ARTIFACT,
+                                                           dst_path=tmp)
+                records = pd.read_csv(path, dtype=str)
+        except (MlflowException, OSError) as exc:
+            entry["error"] = f"no training records ({str(exc).splitlines()[0]})"
+            findings.append(entry)
+            continue
+        entry["records"] = len(records)
+        entry["withdrawn"] = affected(records, withdrawn)
+        if entry["withdrawn"]:
+            client.set_model_version_tag(name, version.version, "consent.status", "withdrawn_records")
+            client.set_model_version_tag(name, version.version, "consent.withdrawn_records",
+                                         str(len(entry["withdrawn"])))
+            client.set_model_version_tag(name, version.version, "consent.withdrawals_file", withdrawals_file)
+        findings.append(entry)
+    return findings

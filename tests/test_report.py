@@ -1,0 +1,273 @@
+"""The governance report, the release gate and consent-withdrawal tracing, against a real MLflow server,
+real Chromium and real mlcroissant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.cards import load_card
+from pipeline.params import ReportSettings, load_params
+from pipeline.registry import affected
+from pipeline.report import (
+    consent_checks,
+    decide_release,
+    memorization_checks,
+    report_html,
+    text,
+)
+from tests.conftest import ROOT, Workspace
+
+SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=200, advisory=["shift.drift.*"])
+ATTACK = ('<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> '
+          '[click](javascript:window.pwned=3) ![remote](http://203.0.113.1/x.png) <http://203.0.113.1/> '
+          '&lt;b&gt; | pipe *em* `code`')
+
+
+# ---------------------------------------------------------------- pure logic
+
+def checks_of(statuses: dict[str, str]) -> list[dict]:
+    return [{"id": i, "area": i.split(".")[0], "status": s} for i, s in statuses.items()]
+
+
+def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
+    checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "memorization.overall": "inconclusive"})
+    release = decide_release(checks, SETTINGS)
+    assert release["decision"] == "approved" and release["blocked_by"] == []
+    assert release["areas"]["shift"] == {"status": "inconclusive", "advisory": "fail"}
+
+    strict = SETTINGS.model_copy(update={"block_on": ["fail", "inconclusive"]})
+    assert decide_release(checks_of({"bias.x": "pass", "memorization.overall": "inconclusive"}),
+                          strict)["blocked_by"] == ["memorization.overall"]
+    blocked = decide_release(checks_of({"bias.x": "fail", "shift.drift.site": "fail"}), SETTINGS)
+    assert blocked["decision"] == "blocked" and blocked["blocked_by"] == ["bias.x"]
+
+
+def memorization_table(train_mse: float, unseen_mse: float, n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"split": ["train"] * n + ["test"] * n,
+                         "recon_mse": np.concatenate([rng.gamma(4, train_mse / 4, n), rng.gamma(4, unseen_mse / 4, n)]),
+                         "group": ["a", "b"] * n})
+
+
+def test_memorization_fails_a_model_that_reconstructs_what_it_saw_far_better():
+    memorised, _ = memorization_checks(memorization_table(0.005, 0.010), ["group"], SETTINGS, min_group_size=30)
+    assert {c["id"]: c["status"] for c in memorised} == {"memorization.overall": "fail", "memorization.group=a": "fail",
+                                                          "memorization.group=b": "fail"}
+    healthy, table = memorization_checks(memorization_table(0.010, 0.010), ["group"], SETTINGS, min_group_size=30)
+    assert all(c["status"] == "pass" for c in healthy), healthy
+    few, table = memorization_checks(memorization_table(0.010, 0.010, n=20), ["group"], SETTINGS, min_group_size=30)
+    assert table["group=a"]["status"] == "inconclusive" and table["group=a"]["value"] is None
+
+
+def test_consent_check_of_training_records_follows_todays_withdrawals_and_policy():
+    card = load_card(ROOT / "data_cards" / "synthetic.yaml")
+    params = load_params(ROOT / "params.yaml")
+    training = pd.DataFrame({"record_id": ["r1", "r2", "r3"], "sha256": ["s1", "s2", "s3"],
+                             "source_sha256": ["f1", "f2", "f3"], "license": ["CC-BY-4.0"] * 2 + ["CC-BY-NC-4.0"],
+                             "consent_status": ["granted"] * 3})
+    provenance = {"counts": {"read": 5, "accepted": 3, "quarantined": 2}}
+    checks = {c["id"]: c for c in consent_checks("synthetic", card, params, provenance, training, frozenset({"s2"}))}
+    refused = checks["consent.training_records.synthetic"]
+    assert refused["status"] == "fail" and refused["value"] == 2
+    assert refused["reasons"] == {"license_not_allowed": 1, "withdrawal_request": 1}
+    assert checks["consent.accounted.synthetic"]["status"] == "pass"
+    lost = consent_checks("synthetic", card, params, {"counts": {"read": 6, "accepted": 3, "quarantined": 2}},
+                          training.iloc[:1], frozenset())
+    assert [c["status"] for c in lost] == ["fail", "pass", "pass"]
+
+
+def test_withdrawals_match_any_of_the_three_ids():
+    records = pd.DataFrame({"record_id": ["r1", "r2", "r3"], "sha256": ["s1", "s2", "s3"],
+                            "source_sha256": ["f1", "f2", "f3"]})
+    assert affected(records, frozenset({"r1", "s2", "f3", "elsewhere"})) == ["r1", "r2", "r3"]
+    assert affected(records, frozenset({"elsewhere"})) == []
+
+
+class _Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_card_text_stays_text_in_the_rendered_report(tmp_path: Path):
+    markdown = f"# Report\n\n- {text(ATTACK)}\n\n| a | b |\n|---|---|\n| {text(ATTACK)} | x |\n"
+    page = report_html(markdown, tmp_path, text(ATTACK), 500)
+    parser = _Elements()
+    parser.feed(page)
+    tags = [tag for tag, _ in parser.tags]
+    assert "script" not in tags and "img" not in tags and "a" not in tags, tags
+    assert not any(name.startswith("on") for _, attrs in parser.tags for name in attrs)
+    assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in page, "the text is shown, not dropped"
+
+
+# ---------------------------------------------------------------- the stage against a real MLflow server
+
+@pytest.fixture(scope="module")
+def reported(audited: Workspace) -> Workspace:
+    result = audited.run("report")
+    assert result.returncode == 0, result.stderr
+    return audited
+
+
+def governance(space: Workspace) -> Path:
+    return space.root / "reports" / "governance"
+
+
+def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported: Workspace):
+    release = json.loads((governance(reported) / "release.json").read_text())
+    assert release["decision"] == "blocked", "the default data under-represents group_b"
+    assert "bias.representation.group" in release["blocked_by"]
+    assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization"}
+    assert all({"status", "value", "threshold", "detail"} <= set(c) for c in release["checks"])
+
+    client = MlflowClient(reported.env["MLFLOW_TRACKING_URI"])
+    run_id = json.loads((reported.root / "models" / "mae" / "run.json").read_text())["run_id"]
+    version = client.get_model_version("mae-encoder", release["model"]["version"])
+    assert version.run_id == run_id
+    assert version.tags["release.decision"] == "blocked" and version.tags["release.area.bias"] == "fail"
+    train_md5 = [k for k in version.tags if k.startswith("data.data/prepared/synthetic/train.npy")]
+    assert train_md5, version.tags
+    assert client.get_model_version_by_alias("mae-encoder", "candidate").version == version.version
+    assert "approved" not in client.get_registered_model("mae-encoder").aliases
+    artifacts = {a.path for a in client.list_artifacts(run_id, "governance")}
+    assert {"governance/report.html", "governance/report.md", "governance/model_card.md", "governance/release.json",
+            "governance/training_records.csv", "governance/croissant"} <= artifacts
+    assert client.get_run(run_id).data.tags["release.decision"] == "blocked"
+
+    gate = reported.run("release")
+    assert gate.returncode == 1
+    assert any(line.startswith("bias.representation.group: fail") for line in gate.stdout.splitlines()), gate.stdout
+    assert "release decision: BLOCKED" in gate.stdout
+
+    card = (governance(reported) / "model_card.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "cc-by-4.0" and "release-blocked" in front["tags"]
+    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
+                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+        assert f"## {section}" in card
+
+
+def test_an_approving_policy_moves_the_approved_alias_and_the_gate_opens(reported: Workspace, tmp_path: Path):
+    params = yaml.safe_load((reported.root / "params.yaml").read_text())
+    params["report"]["advisory"] = ["*"]  # every check reported, none blocking
+    lenient = tmp_path / "params.yaml"
+    lenient.write_text(yaml.safe_dump(params))
+    client = MlflowClient(reported.env["MLFLOW_TRACKING_URI"])
+    try:
+        assert reported.run("report", "--params", str(lenient)).returncode == 0
+        release = json.loads((governance(reported) / "release.json").read_text())
+        assert release["decision"] == "approved"
+        assert client.get_model_version_by_alias("mae-encoder", "approved").version == release["model"]["version"]
+        gate = reported.run("release")
+        assert gate.returncode == 0 and "release decision: APPROVED" in gate.stdout
+    finally:
+        assert reported.run("report").returncode == 0
+    assert "approved" not in client.get_registered_model("mae-encoder").aliases, "a blocked report withdraws it"
+    assert reported.run("release").returncode == 1
+
+
+def open_in_browser(browser, page_file: Path) -> dict:
+    """Load a file the way a reviewer does and collect what went wrong."""
+    page = browser.new_page()
+    problems, requests = [], []
+    page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(page_file.as_uri(), wait_until="load")
+    seen = {"problems": problems, "remote": [u for u in requests if not u.startswith(("file:", "data:"))],
+            "images": page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)"),
+            "pwned": page.evaluate("window.pwned === undefined ? null : window.pwned"),
+            "first_heading": page.locator("h2").first.inner_text() if page.locator("h2").count() else None}
+    page.close()
+    return seen
+
+
+def test_report_html_opens_offline_in_chromium_with_no_errors_or_broken_images(reported: Workspace, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: `make test` installs it"
+    attack = tmp_path / "attack.html"
+    attack.write_text(report_html(f"# x\n\n{text(ATTACK)}\n", tmp_path, "x", 500))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            report = open_in_browser(browser, governance(reported) / "report.html")
+            injected = open_in_browser(browser, attack)
+        finally:
+            browser.close()
+    assert report["problems"] == [] and report["remote"] == [], report
+    assert len(report["images"]) >= 5 and all(report["images"]), report["images"]
+    assert report["first_heading"].startswith("Release decision: BLOCKED")
+    assert injected["problems"] == [] and injected["remote"] == [] and injected["pwned"] is None, injected
+
+
+def test_croissant_export_is_valid_and_carries_the_responsible_ai_fields(reported: Workspace):
+    import mlcroissant as mlc
+
+    path = governance(reported) / "croissant" / "synthetic.json"
+    document = json.loads(path.read_text())
+    dataset = mlc.Dataset(jsonld=path)  # raises on any validation error; contentUrl is relative to the file
+    assert dataset.metadata.name == "synthetic"
+    for field in ("rai:dataCollection", "rai:dataBiases", "rai:dataLimitations", "rai:dataUseCases",
+                  "rai:personalSensitiveInformation", "rai:dataCollectionTimeFrame"):
+        assert document.get(field), field
+    manifest = pd.read_parquet(reported.root / "data" / "ingested" / "synthetic" / "manifest.parquet")
+    records = list(dataset.records("records"))
+    assert len(records) == len(manifest)
+
+
+def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(reported: Workspace, tmp_path: Path,
+                                                                            monkeypatch):
+    import torch
+
+    from pipeline.mae import MAEEncoder, build
+    from pipeline.registry import RECORDS_ARTIFACT, register_version
+
+    uri = reported.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    first = json.loads((reported.root / "models" / "mae" / "run.json").read_text())
+    first_version = client.search_model_versions(f"name='mae-encoder' and run_id='{first['run_id']}'")[0].version
+    records = pd.read_csv(governance(reported) / "training_records.csv", dtype=str)
+    only_first = records.iloc[0]
+
+    # a second model version trained without that record
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=first["experiment_id"]) as run:
+        logged = mlflow.pytorch.log_model(MAEEncoder(build("micro", img_size=32, patch_size=4, in_chans=3)).eval(), name="encoder",
+                                          input_example=torch.zeros(1, 3, 32, 32).numpy())
+        second_records = tmp_path / "training_records.csv"
+        records.iloc[1:].to_csv(second_records, index=False)
+        mlflow.log_artifact(str(second_records), str(Path(RECORDS_ARTIFACT).parent))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    second_version = register_version("mae-encoder", {"run_id": run.info.run_id, "model_uri": logged.model_uri},
+                                      "blocked")
+
+    space = Workspace(tmp_path / "steward", env=reported.env)
+    (space.root / "data_cards").mkdir(parents=True)
+    shutil.copy(reported.root / "params.yaml", space.root / "params.yaml")
+    withdrawals = space.root / "data_cards" / "withdrawals.csv"
+    withdrawals.write_text(f"id,requested_at,note\n{only_first['sha256']},2026-11-26,subject asked\n")
+    result = space.run("consent-check")
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [f"mae-encoder version {first_version} (run {first['run_id']}): trained on 1 withdrawn records: "
+                     f"{only_first['record_id']}"], result.stdout
+    assert client.get_model_version("mae-encoder", first_version).tags["consent.status"] == "withdrawn_records"
+    assert "consent.status" not in client.get_model_version("mae-encoder", second_version).tags
+
+    withdrawals.write_text("id,requested_at,note\nnobody-we-trained-on,2026-11-26,\n")
+    assert space.run("consent-check").returncode == 0
