@@ -29,6 +29,8 @@ from pipeline.evaluate import UNSEEN
 from pipeline.ingest import load_withdrawals
 from pipeline.params import DEFAULT_PARAMS, Params, ReportSettings, load_params
 from pipeline.policy import REASONS, RecordFacts, decide
+from pipeline.registry import lineage_of_run, log_report, register_version
+from pipeline.validate import failure_lines
 
 log = logging.getLogger(__name__)
 
@@ -566,9 +568,6 @@ def judge(params: Params, gathered: dict, withdrawn: frozenset[str]) -> tuple[li
 
 
 def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: Path | None = None) -> dict:
-    from pipeline.registry import lineage_of_run, log_report, register_version
-    from pipeline.validate import failure_lines
-
     params = load_params(params_path)
     settings = params.report
     out = out or inputs.path("reports/governance")
