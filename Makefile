@@ -30,7 +30,7 @@ run: $(STAMP)
 
 ## Run the test suite.
 test: $(STAMP) browser
-	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## The MLflow UI on the project's store at http://127.0.0.1:5000
 ui: $(STAMP)

@@ -89,9 +89,13 @@ def log_report(name: str, version: str, run: dict, folder: Path, release: dict) 
     client = _client()
     statuses = {f"release.area.{area}": entry["status"] for area, entry in release["areas"].items()}
     try:
+        model_id = run["model_uri"].removeprefix("models:/")
         with silenced_stdout():
             client.log_artifacts(run["run_id"], str(folder), "governance")
+            # inside the logged model too, so downloading models:/<name>@<alias> brings its report along
+            client.log_model_artifacts(model_id, str(folder), "governance")
         client.set_tag(run["run_id"], "release.decision", release["decision"])
+        client.set_logged_model_tags(model_id, {"release.decision": release["decision"]})
         tags = {"release.decision": release["decision"], "release.blocked_by": ", ".join(release["blocked_by"])[:5000],
                 "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
         report = json.loads((folder / "release.json").read_text())

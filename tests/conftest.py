@@ -36,6 +36,14 @@ def small_params(num_images: int = 300) -> dict:
     return params
 
 
+def pytest_collection_modifyitems(items):
+    """Tests of the session's evaluated model share one xdist worker (`--dist loadgroup`), so the model is
+    trained once per run rather than once per worker."""
+    for item in items:
+        if {"evaluated", "audited", "reported"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("evaluated"))
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ...` in a subprocess, as DVC runs it."""
     inherited = {k: v for k, v in os.environ.items() if k != "MAE_PIPELINE_SALT"}

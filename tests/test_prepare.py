@@ -93,10 +93,11 @@ def test_prepare_writes_aligned_pixels_and_sizes_deterministically(validated: Wo
     assert first == second
 
 
-def test_prepare_refuses_unvalidated_data(validated: Workspace):
+def test_prepare_refuses_unvalidated_data(workspace: Workspace):
+    validated = workspace
     summary_file = validated.root / "reports" / "validation" / "summary.json"
-    summary = json.loads(summary_file.read_text())
-    summary_file.write_text(json.dumps({**summary, "passed": False, "failed_critical": 3}))
+    summary_file.parent.mkdir(parents=True)
+    summary_file.write_text(json.dumps({"passed": False, "failed_critical": 3, "failed_warning": 0, "datasets": {}}))
     result = validated.run("prepare")
     assert result.returncode == 2
     assert "summary.json: validation failed (3 critical)" in result.stderr

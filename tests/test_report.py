@@ -146,6 +146,9 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     assert {"governance/report.html", "governance/report.md", "governance/model_card.md", "governance/release.json",
             "governance/training_records.csv", "governance/croissant"} <= artifacts
     assert client.get_run(run_id).data.tags["release.decision"] == "blocked"
+    model_id = version.source.removeprefix("models:/")
+    assert client.get_logged_model(model_id).tags["release.decision"] == "blocked"
+    assert "governance/report.html" in {a.path for a in client.list_logged_model_artifacts(model_id, "governance")}
 
     gate = reported.run("release")
     assert gate.returncode == 1
