@@ -36,12 +36,19 @@ def small_params(num_images: int = 300) -> dict:
     return params
 
 
+# Expensive shared fixtures, by the xdist group of the tests that use them.
+SHARED = {"evaluated": "evaluated", "audited": "evaluated", "reported": "evaluated", "prepared": "prepared",
+          "ingested": "ingested"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Tests of the session's evaluated model share one xdist worker (`--dist loadgroup`), so the model is
-    trained once per run rather than once per worker."""
+    """Tests that share an expensive fixture share one xdist worker (`--dist loadgroup`), so the fixture
+    (a trained and evaluated model, prepared or ingested data) is built once per run, not once per worker."""
     for item in items:
-        if {"evaluated", "audited", "reported"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("evaluated"))
+        groups = {SHARED[name] for name in getattr(item, "fixturenames", ()) if name in SHARED}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
