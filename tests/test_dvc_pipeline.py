@@ -21,6 +21,7 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1"}
     env.pop("PYTHONPATH", None)  # the stage must import the repository's own copy of the package
+    env.pop("MLFLOW_TRACKING_URI", None)  # the repository's own store, as on an engineer's machine
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -129,7 +129,7 @@ def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
     assert "Traceback" not in result.stderr
 
 
-def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Path, tmp_path: Path):
+def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Path, tmp_path: Path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
@@ -159,6 +159,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     assert [m.name for m in models] == ["encoder"] and models[0].source_run_id == run.info.run_id
     import mlflow.pytorch
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_env(space.root)["MLFLOW_TRACKING_URI"])  # removed afterwards
     mlflow.set_tracking_uri(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 96)

@@ -247,7 +247,9 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
     records = pd.read_csv(governance(reported) / "training_records.csv", dtype=str)
     only_first = records.iloc[0]
 
-    # a second model version trained without that record
+    # a second model version trained without that record (set_tracking_uri also sets the variable, so
+    # monkeypatch sets it first and removes it afterwards)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=first["experiment_id"]) as run:
         logged = mlflow.pytorch.log_model(MAEEncoder(build("micro", img_size=32, patch_size=4, in_chans=3)).eval(), name="encoder",
@@ -255,7 +257,6 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
         second_records = tmp_path / "training_records.csv"
         records.iloc[1:].to_csv(second_records, index=False)
         mlflow.log_artifact(str(second_records), str(Path(RECORDS_ARTIFACT).parent))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     second_version = register_version("mae-encoder", {"run_id": run.info.run_id, "model_uri": logged.model_uri},
                                       "blocked")
 
