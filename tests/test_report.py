@@ -275,3 +275,15 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
 
     withdrawals.write_text("id,requested_at,note\nnobody-we-trained-on,2026-11-26,\n")
     assert space.run("consent-check").returncode == 0
+
+
+def test_report_release_and_consent_check_give_one_line_errors_on_a_bare_folder(workspace: Workspace):
+    for command, needle in (("report", "models/mae/config.json: not found"),
+                            ("release", "reports/governance/release.json: not found")):
+        result = workspace.run(command)
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    (workspace.root / "data_cards" / "withdrawals.csv").unlink()
+    result = workspace.run("consent-check")
+    assert result.returncode == 2 and "withdrawals file not found" in result.stderr, result.stderr
