@@ -83,7 +83,8 @@ def register_version(name: str, run: dict, decision: str) -> str:
 
 
 def log_report(name: str, version: str, run: dict, folder: Path, release: dict) -> None:
-    """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases."""
+    """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases.
+    `release` is what the report wrote to release.json."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -98,9 +99,8 @@ def log_report(name: str, version: str, run: dict, folder: Path, release: dict) 
         client.set_logged_model_tags(model_id, {"release.decision": release["decision"]})
         tags = {"release.decision": release["decision"], "release.blocked_by": ", ".join(release["blocked_by"])[:5000],
                 "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
-        report = json.loads((folder / "release.json").read_text())
-        tags.update({f"data.{k}": v for k, v in report["data_hashes"].items()})
-        tags["git.commit"] = report["model"]["git_commit"]
+        tags.update({f"data.{k}": v for k, v in release["data_hashes"].items()})
+        tags["git.commit"] = release["model"]["git_commit"]
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.update_model_version(name, version, description=f"Release {release['decision']}: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import html
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from pipeline.ingest import load_withdrawals
 from pipeline.params import DEFAULT_PARAMS, Params, ReportSettings, load_params
 from pipeline.policy import REASONS, RecordFacts, decide
 from pipeline.registry import lineage_of_run, log_report, register_version
+from pipeline.sources.records import sha256_bytes
 from pipeline.validate import failure_lines
 
 log = logging.getLogger(__name__)
@@ -385,22 +387,16 @@ def report_html(markdown: str, folder: Path, title: str, figure_width: int) -> s
         path = folder / token.attrGet("src")
         data = base64.b64encode(path.read_bytes()).decode("ascii")
         alt = parser.renderer.renderInlineAsText(token.children or [], options, env)
-        return (f'<img src="data:image/png;base64,{data}" alt="{_attr(alt)}" '
+        return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
                 f'style="max-width:{figure_width}px">')
 
     parser.add_render_rule("image", image)
     # the two anchors are the only raw HTML the report writes itself; everything else is escaped
     body = parser.render(re.sub(r'^<a id="([a-z]+)"></a>$', r"{{anchor:\1}}", markdown, flags=re.M))
     body = re.sub(r"<p>\{\{anchor:([a-z]+)\}\}</p>", r'<a id="\1"></a>', body)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_attr(title)}</title>\n'
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
             f'style-src \'unsafe-inline\'">\n<style>{STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n')
-
-
-def _attr(value: str) -> str:
-    import html
-
-    return html.escape(value, quote=True)
 
 
 # ---------------------------------------------------------------- model card and Croissant
@@ -478,7 +474,7 @@ def croissant(card: DataCard, provenance: dict, manifest: Path, folder: Path) ->
         cite_as=f"{card.name} v{card.version}, {', '.join(card.provenance.creators)}",
         date_published=dt.datetime.combine(timeframe.end, dt.time()),
         distribution=[mlc.FileObject(id=file_id, name=file_id, content_url=os.path.relpath(manifest, folder),
-                                     encoding_formats=["application/x-parquet"], sha256=_sha256(manifest))],
+                                     encoding_formats=["application/x-parquet"], sha256=sha256_bytes(manifest.read_bytes()))],
         record_sets=[mlc.RecordSet(id="records", name="records", fields=fields)],
         data_collection=card.provenance.collection_method,
         data_collection_timeframe=[dt.datetime.combine(timeframe.start, dt.time()),
@@ -495,12 +491,6 @@ def croissant(card: DataCard, provenance: dict, manifest: Path, folder: Path) ->
         data_release_maintenance_plan=", ".join(m.name for m in card.maintainers),
     )
     return json.loads(json.dumps(metadata.to_json(), default=str))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- the stage
@@ -540,8 +530,7 @@ def gather(params: Params, inputs: Inputs) -> dict:
     for name in params.datasets:
         card = load_card(card_path(name, inputs.cards_dir))
         provenance = inputs.json(f"data/ingested/{name}/provenance.json")
-        datasets[name] = {"card": card.model_dump(mode="json"), "counts": provenance["counts"],
-                          "provenance": provenance, "model": card}
+        datasets[name] = {"card": card, "provenance": provenance}
     train_path = inputs.path(f"data/prepared/{dataset}/train.parquet")
     try:
         training = pd.read_parquet(train_path)
@@ -558,7 +547,7 @@ def gather(params: Params, inputs: Inputs) -> dict:
 def judge(params: Params, gathered: dict, withdrawn: frozenset[str]) -> tuple[list[dict], dict]:
     dataset = gathered["dataset"]
     item = gathered["datasets"][dataset]
-    card: DataCard = item["model"]
+    card: DataCard = item["card"]
     memorization, table_ = memorization_checks(gathered["samples"], [a.name for a in card.sensitive_attributes],
                                                params.report, params.audit_bias.min_group_size)
     checks = [validation_check(gathered["validation"])]
@@ -589,7 +578,8 @@ def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: P
              "preset": config["preset"], "mask_ratio": config["mask_ratio"], "architecture": config["model"]}
     evidence = {
         "model": model, "release": release, "confidence": settings.confidence,
-        "datasets": {n: {"card": d["card"], "counts": d["counts"]} for n, d in gathered["datasets"].items()},
+        "datasets": {n: {"card": d["card"].model_dump(mode="json"), "counts": d["provenance"]["counts"]}
+                     for n, d in gathered["datasets"].items()},
         "policy": params.policy.model_dump(mode="json"), "withdrawals": len(withdrawn),
         "training": {"records": len(training)}, "validation": gathered["validation"],
         "validation_failures": failure_lines(gathered["validation"], "critical")
@@ -605,7 +595,7 @@ def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: P
     (out / "model_card.md").write_text(model_card(evidence))
     (out / "croissant").mkdir()
     for name, item in gathered["datasets"].items():
-        document = croissant(item["model"], item["provenance"], inputs.path(f"data/ingested/{name}/manifest.parquet"),
+        document = croissant(item["card"], item["provenance"], inputs.path(f"data/ingested/{name}/manifest.parquet"),
                              out / "croissant")
         (out / "croissant" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     result = {"decision": release["decision"], "blocked_by": release["blocked_by"], "areas": release["areas"],
@@ -614,5 +604,5 @@ def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: P
                          "model_card": str(out / "model_card.md")},
               "checks": checks}
     (out / "release.json").write_text(json.dumps(result, indent=2, default=jsonable) + "\n")
-    log_report(settings.registered_model, version, run, out, release)
+    log_report(settings.registered_model, version, run, out, result)
     return result
