@@ -18,20 +18,9 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-log = logging.getLogger(__name__)
+from pipeline.presets import PRESETS
 
-# Architectures by name. Reference presets (base, large, huge) match facebookresearch/mae; the smaller
-# ones keep its proportions for small images and CPU budgets. Patch and image size come from params.
-PRESETS = {
-    "micro": dict(embed_dim=96, depth=4, num_heads=3, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
-    "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
-                  decoder_num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
-                 decoder_num_heads=16),
-}
+log = logging.getLogger(__name__)
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

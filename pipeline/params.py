@@ -166,7 +166,7 @@ class PretrainSettings(_Strict):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        from pipeline.mae import PRESETS
+        from pipeline.presets import PRESETS
 
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")

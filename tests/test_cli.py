@@ -25,3 +25,19 @@ def test_a_missing_params_file_is_one_line(tmp_path):
     result = run_cli("ingest", "synthetic", "--params", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: file not found"
+
+
+def test_card_check_and_help_do_not_load_torch():
+    """Checking a card or asking for help is instant: neither imports torch (the presets live apart)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom pipeline.__main__ import main\n"
+             "status = main(['card', 'check', *sys.argv[1:]])\n"
+             "try:\n    main(['pretrain', '--help'])\nexcept SystemExit:\n    pass\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'no torch', status)\n")
+    cards = sorted(str(p) for p in (ROOT / "data_cards").glob("*.yaml"))
+    result = subprocess.run([sys.executable, "-c", probe, *cards], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "no torch 0"
