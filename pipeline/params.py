@@ -235,7 +235,7 @@ class ReportSettings(_Strict):
 
 
 class Params(_Strict):
-    model_config = ConfigDict(extra="allow", frozen=True)  # later stages own their own sections
+    """The whole file: an unknown section (a misspelt `audit_bais:`) is an error, like an unknown key."""
 
     datasets: dict[str, DatasetSettings]
     ingest: IngestSettings

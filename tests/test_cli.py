@@ -41,3 +41,19 @@ def test_card_check_and_help_do_not_load_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "no torch 0"
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"audit_bais": {}}, "audit_bais: Extra inputs are not permitted"),
+    ({"report": {"n_bot": 10}}, "report.n_bot: Extra inputs are not permitted"),
+])
+def test_an_unknown_params_section_or_key_is_one_line(workspace, section, expected):
+    import yaml
+
+    params = yaml.safe_load((workspace.root / "params.yaml").read_text())
+    for key, value in section.items():
+        params[key] = {**params.get(key, {}), **value}
+    workspace.write_params(params)
+    result = workspace.run("prepare")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: params.yaml: {expected}"
