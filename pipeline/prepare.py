@@ -1,11 +1,19 @@
 """Split each validated dataset into train / val / test and keep held-out domains apart.
 
-Runs only after validation passed. Splits are stratified by sensitive group and domain, so every
-group and site keeps its share in each split, and deterministic from a seed: each stratum is shuffled
-by a generator seeded from (seed, stratum), so one stratum's assignment does not depend on another's.
-Records from the card's held-out domains never enter training; they form the `heldout` split the
-shift audit reads. No image (sha256) may appear in two splits, across all datasets: a leak stops the
-stage.
+Runs only after validation passed. Each record's split is a function of its own image and the seed
+alone: the BLAKE2b hash of (`prepare.seed`, sha256), read as a number u in [0, 1), puts it in `test`
+when u < test_fraction, in `val` when u < test_fraction + val_fraction, else in `train`. So withdrawing
+or adding records never moves another record between splits (audits before and after a withdrawal
+compare the same images), the same image lands in the same split in every dataset, and another seed
+draws another assignment. Records from the card's held-out domains never enter training; they form the
+`heldout` split the shift audit reads.
+
+Stratification by domain and sensitive group comes from the hash ignoring both, so it holds within a
+stated tolerance rather than exactly: in a stratum (domain x sensitive attribute values) of n records,
+each split's count is Binomial(n, its fraction). The tolerance is that every split's count in every
+stratum lies within the central 99.9% interval of that binomial (`STRATUM_CONFIDENCE`); prepare logs a
+warning naming any that does not (chance alone puts about one in a thousand outside). No image (sha256)
+may appear in two splits, across all datasets: a leak stops the stage.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import binom
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
@@ -28,31 +37,47 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SUMMARY = VALIDATION_REPORT / "summary.json"
 SPLITS = ("train", "val", "test", "heldout")
+STRATUM_CONFIDENCE = 0.999  # the stated stratification tolerance (see the module docstring)
 
 
 def strata(manifest: pd.DataFrame, card: DataCard) -> pd.Series:
     """The stratum of each record: its domain and the values of its sensitive attributes."""
     columns = ["domain", *(attr.name for attr in card.sensitive_attributes)]
-    return manifest[columns].astype(str).agg("|".join, axis=1)
+    values = manifest[columns].astype(str).itertuples(index=False)
+    return pd.Series(["|".join(row) for row in values], index=manifest.index, dtype=object, name="stratum")
 
 
-def _stratum_seed(seed: int, stratum: str) -> list[int]:
-    return [seed, int.from_bytes(hashlib.sha256(stratum.encode()).digest()[:8], "little")]
+def unit_hash(seed: int, sha256: str) -> float:
+    """A number in [0, 1) fixed by the seed and the image alone (the top 53 bits of a BLAKE2b digest)."""
+    digest = hashlib.blake2b(f"{seed}|{sha256}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
 def assign_splits(manifest: pd.DataFrame, card: DataCard, settings: PrepareSettings) -> pd.Series:
-    """The split of every record, indexed like the manifest."""
-    split = pd.Series("train", index=manifest.index, dtype=object)
-    held_out = manifest["domain"].isin(card.domains.held_out)
-    split[held_out] = "heldout"
-    rest = manifest[~held_out].sort_values("record_id")
-    for stratum, index in sorted(rest.groupby(strata(rest, card)).groups.items()):
-        order = np.random.default_rng(_stratum_seed(settings.seed, stratum)).permutation(np.asarray(index))
-        n_test = int(round(len(order) * settings.test_fraction))
-        n_val = int(round(len(order) * settings.val_fraction))
-        split.loc[order[:n_test]] = "test"
-        split.loc[order[n_test:n_test + n_val]] = "val"
+    """The split of every record, indexed like the manifest; no record's split depends on any other record."""
+    u = manifest["sha256"].map(lambda sha256: unit_hash(settings.seed, sha256)).to_numpy(dtype=np.float64)
+    below_test, below_val = u < settings.test_fraction, u < settings.test_fraction + settings.val_fraction
+    split = pd.Series(np.select([below_test, below_val], ["test", "val"], "train"), index=manifest.index,
+                      dtype=object)
+    split[manifest["domain"].isin(card.domains.held_out)] = "heldout"
     return split
+
+
+def stratum_shares(assigned: pd.DataFrame, card: DataCard, settings: PrepareSettings) -> pd.DataFrame:
+    """Per stratum and split (held-out domains aside): the count, the stratum's size n, the share, the target
+    fraction, the central `STRATUM_CONFIDENCE` interval of Binomial(n, target) and whether the count is in it."""
+    targets = {"train": 1 - settings.val_fraction - settings.test_fraction, "val": settings.val_fraction,
+               "test": settings.test_fraction}
+    kept = assigned[assigned["split"] != "heldout"]
+    counts = pd.crosstab(strata(kept, card), kept["split"]).reindex(columns=list(targets),
+                                                                                     fill_value=0)
+    table = counts.melt(ignore_index=False, var_name="split", value_name="count").reset_index()
+    table["n"] = table.groupby("stratum")["count"].transform("sum")
+    table["share"] = table["count"] / table["n"]
+    table["target"] = table["split"].map(targets)
+    table["low"], table["high"] = binom.interval(STRATUM_CONFIDENCE, table["n"], table["target"])
+    table["within"] = table["count"].between(table["low"], table["high"])
+    return table.sort_values(["stratum", "split"], ignore_index=True)
 
 
 def leaks(assigned: pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +100,13 @@ def split_sizes(assigned: pd.DataFrame, card: DataCard) -> dict:
             }
         sizes[split] = entry
     return sizes
+
+
+def _warn_outside_tolerance(dataset: str, shares: pd.DataFrame) -> None:
+    for row in shares[~shares["within"]].to_dict("records"):
+        log.warning("%s: stratum %s has %d of %d records in %s (%.1f%%), outside the %g%% binomial interval "
+                    "[%d, %d] around %.1f%%", dataset, row["stratum"], row["count"], row["n"], row["split"],
+                    100 * row["share"], 100 * STRATUM_CONFIDENCE, row["low"], row["high"], 100 * row["target"])
 
 
 def _require_validation(summary_path: Path, datasets: list[str]) -> None:
@@ -112,6 +144,7 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
         cards[name] = load_card(card_path(name, cards_dir))
         manifest = pd.read_parquet(ingested / name / "manifest.parquet")
         assigned[name] = manifest.assign(split=assign_splits(manifest, cards[name], params.prepare))
+        _warn_outside_tolerance(name, stratum_shares(assigned[name], cards[name], params.prepare))
     combined = pd.concat([frame[["dataset", "record_id", "sha256", "split"]] for frame in assigned.values()])
     leaked = leaks(combined)
     if not leaked.empty:
