@@ -82,7 +82,7 @@ def manifest_schema(card: DataCard) -> pa.Schema:
 def load_withdrawals(path: Path) -> frozenset[str]:
     """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(row for row in handle if not row.startswith("#"))
             if reader.fieldnames is None or "id" not in reader.fieldnames:
                 raise PipelineError(f"{path}: header: needs an 'id' column (record id or sha256)")

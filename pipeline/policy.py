@@ -17,6 +17,10 @@ REASONS = {
     # the source could not produce a usable image
     "file_missing": "the metadata names a file that does not exist",
     "path_escapes_folder": "the metadata path points outside the dataset folder",
+    "malformed_row": "the metadata row cannot be read as a record (more or fewer cells than the header, or a "
+                     "path no file can have), so no cell of it is trusted",
+    "not_a_regular_file": "the path is a named pipe, device, socket, directory or looping link: never opened",
+    "unreadable_file": "the file exists but cannot be opened (permissions, a looping path)",
     "no_metadata_row": "a file in the dataset folder has no row in the metadata",
     "empty_file": "the file is zero bytes",
     "file_too_large": "the file exceeds ingest.max_file_bytes",

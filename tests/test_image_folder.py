@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.sources.records import ImageProblem, decode
 from tests.conftest import ROOT, Workspace, small_params
 
 GOOD = {"photographer": "alice", "taken_at": "2025-03-01T10:00:00", "license": "CC-BY-4.0",
@@ -104,6 +109,7 @@ def test_every_bad_input_is_quarantined_and_the_rest_ingests(folder_space: Works
     assert quarantine.detail.str.len().min() > 5, "every quarantined record says why"
     assert provenance["counts"]["read"] == len(accepted) + len(expected) + 1 == len(manifest) + len(quarantine)
     assert "taken_at" in quarantine.set_index("record_id").loc["when", "detail"]
+    assert quarantine.set_index("record_id").loc["bomb", "detail"].endswith("ingest.max_image_pixels 100000")
 
     shards = np.load(out / "pixels" / "shard-00000.npy")
     assert shards.shape == (len(accepted), 16, 16, 3)
@@ -128,14 +134,96 @@ def test_missing_declared_column_is_one_line_error_naming_file_and_column(folder
     assert not folder_space.ingested("photos").exists()
 
 
-def test_metadata_that_is_not_utf8_is_one_line_error(folder_space: Workspace):
+def write_rows(folder: Path, rows: list[list[str]], **open_args) -> None:
+    with (folder / "metadata.csv").open("w", newline="", **open_args) as handle:
+        csv.writer(handle).writerows([["record_id", "path", *GOOD], *rows])
+
+
+def test_metadata_that_is_not_utf8_is_one_line_error_naming_its_line(folder_space: Workspace):
     folder = folder_space.root / "raw" / "photos"
     folder.mkdir(parents=True)
-    header = ",".join(["path", *GOOD]) + "\n"
-    (folder / "metadata.csv").write_bytes(header.encode() + b"\xff\xfe,bad\n")
+    Image.fromarray(gradient()).save(folder / "a.png")
+    write_rows(folder, [["a", "a.png", *GOOD.values()], ["b", "a.png", *GOOD.values()]])
+    with (folder / "metadata.csv").open("ab") as handle:
+        handle.write(b"c,\xff.png\n")  # line 4, after rows that ingest has already written
     result = folder_space.run("ingest", "photos")
-    assert result.returncode == 2 and "metadata.csv: line" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("metadata.csv: line 4: not UTF-8 (byte 0xff)"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not any((folder_space.root / "data" / "ingested").iterdir()), "no outputs and no .partial folder"
+
+
+def test_spreadsheet_csv_with_a_bom_is_read_and_rows_of_the_wrong_width_are_quarantined(folder_space: Workspace):
+    folder = folder_space.root / "raw" / "photos"
+    folder.mkdir(parents=True)
+    for name, angle in (("a.png", 0), ("b.png", 90), ("c.png", 180)):
+        Image.fromarray(gradient()).rotate(angle).save(folder / name)
+    write_rows(folder, [["a", "a.png", *GOOD.values()], ["b", "b.png", *GOOD.values(), "extra"],
+                        ["c", "c.png", *list(GOOD.values())[:-1]], ["d", "a\x00.png", *GOOD.values()]],
+               encoding="utf-8-sig")
+    assert (folder / "metadata.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 0, result.stderr
+    out = folder_space.ingested("photos")
+    assert pd.read_parquet(out / "manifest.parquet").record_id.tolist() == ["a"]
+    quarantine = pd.read_parquet(out / "quarantine.parquet").set_index("record_id")
+    columns = len(GOOD) + 2
+    assert quarantine.reason.to_dict() == {
+        "metadata.csv line 3": "malformed_row", "metadata.csv line 4": "malformed_row",
+        "metadata.csv line 5": "malformed_row", "b.png": "no_metadata_row", "c.png": "no_metadata_row"}, \
+        "a malformed row's path is not trusted"
+    assert quarantine.loc["metadata.csv line 3", "detail"].endswith(f"{columns + 1} cells, the header has {columns}")
+    assert quarantine.loc["metadata.csv line 4", "detail"].endswith(f"{columns - 1} cells, the header has {columns}")
+    assert quarantine.loc["metadata.csv line 5", "detail"].endswith("the path cell holds a NUL byte")
+    counts = json.loads((out / "provenance.json").read_text())["counts"]
+    assert counts["read"] == 6 == counts["accepted"] + counts["quarantined"]
+
+
+def test_decompression_bomb_detail_names_the_configured_limit():
+    image = Image.new("L", (100, 100))  # 10,000 pixels: Pillow warns above its limit and errs above twice it
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    for limit in (4_000, 9_000):
+        with pytest.raises(ImageProblem) as caught:
+            decode(buffer.getvalue(), 16, 1, 255, limit)
+        assert (caught.value.reason, caught.value.detail) == (
+            "decompression_bomb", f"more pixels than ingest.max_image_pixels {limit}")
+
+
+def run_bounded(space: Workspace, *args: str) -> subprocess.CompletedProcess:
+    """The CLI with a short limit, so a regression that blocks on a pipe fails the test instead of hanging."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=space.root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+
+
+def test_pipes_directories_and_looping_links_are_quarantined_by_type_and_never_opened(folder_space: Workspace):
+    folder = folder_space.root / "raw" / "photos"
+    folder.mkdir(parents=True)
+    Image.fromarray(gradient()).save(folder / "a.png")
+    for pipe in (folder / "listed.pipe", folder / "unlisted.pipe", folder / "linked.pipe", folder.parent / "out.pipe"):
+        os.mkfifo(pipe)
+    (folder / "to_pipe").symlink_to("linked.pipe")
+    (folder / "out_link").symlink_to(folder.parent / "out.pipe")
+    (folder / "loop_a").symlink_to("loop_b")
+    (folder / "loop_b").symlink_to("loop_a")
+    (folder / "sub").mkdir()
+    rows = {"a": "a.png", "pipe": "listed.pipe", "link": "to_pipe", "escape": "out_link", "dir": "sub",
+            "through_loop": "loop_a/x.png"}
+    write_rows(folder, [[record_id, path, *GOOD.values()] for record_id, path in rows.items()])
+    result = run_bounded(folder_space, "ingest", "photos")
+    assert result.returncode == 0, result.stderr
+    out = folder_space.ingested("photos")
+    assert pd.read_parquet(out / "manifest.parquet").record_id.tolist() == ["a"]
+    quarantine = pd.read_parquet(out / "quarantine.parquet").set_index("record_id")
+    assert quarantine.reason.to_dict() == {
+        "pipe": "not_a_regular_file", "link": "not_a_regular_file", "escape": "path_escapes_folder",
+        "dir": "not_a_regular_file", "through_loop": "unreadable_file", "loop_a": "not_a_regular_file",
+        "loop_b": "not_a_regular_file", "unlisted.pipe": "not_a_regular_file"}
+    assert quarantine.loc["pipe", "detail"] == "'listed.pipe' is a named pipe, not a regular file"
+    assert quarantine.loc["unlisted.pipe", "detail"] == "'unlisted.pipe' is a named pipe, not a regular file"
+    assert quarantine.loc["dir", "detail"] == "'sub' is a directory, not a regular file"
+    assert quarantine.source_sha256.isna().all(), "nothing refused was read"
+    assert not list(out.parent.glob(".*partial"))
 
 
 def test_missing_folder_is_one_line_error(folder_space: Workspace):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -10,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.sources.records import pixels_sha256
-from tests.conftest import Workspace, small_params
+from tests.conftest import ROOT, Workspace, small_params
 
 PLANTED_REASON = {
     "consent_withdrawn": "consent_withdrawn",
@@ -174,3 +179,21 @@ def test_unknown_dataset_and_missing_withdrawals_file(workspace: Workspace):
     (workspace.root / "data_cards" / "withdrawals.csv").unlink()
     result = workspace.run("ingest", "synthetic")
     assert result.returncode == 2 and "withdrawals.csv: withdrawals file not found" in result.stderr
+
+
+def test_an_interrupted_ingest_leaves_no_partial_folder(workspace: Workspace):
+    workspace.write_params(small_params(3000))
+    partial = workspace.root / "data" / "ingested" / ".synthetic.partial"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "synthetic"], cwd=workspace.root,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not partial.exists():  # interrupt it while it writes
+            assert process.poll() is None and time.monotonic() < deadline, "ingest ended before it was interrupted"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and stderr.strip().endswith("error: interrupted"), stderr
+    assert not any(partial.parent.iterdir()), "no outputs and no .partial folder"

@@ -3,6 +3,7 @@
 The CSV needs a `path` column (relative to the folder) and the columns the card names; `record_id`
 is optional (the path is used otherwise). Rows and files are reconciled both ways: a row without a
 file and a file without a row are each quarantined, so nothing in the folder goes unaccounted for.
+Only regular files are ever opened: a named pipe would block ingest and a device can have effects.
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard
 from pipeline.params import ImageFolderSettings, IngestSettings
 from pipeline.sources.records import ImageProblem, SourceRecord, decode, sha256_bytes
+
+FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFLNK: "a symbolic link that does not resolve"}
 
 
 def required_columns(card: DataCard) -> list[str]:
@@ -32,23 +39,71 @@ def required_columns(card: DataCard) -> list[str]:
     return ["path", *(c for c in columns if c is not None)]
 
 
-def _read_header(metadata: Path, card: DataCard) -> None:
-    with metadata.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(_rows(reader, metadata), None)
-    if header is None:
+def _utf8_lines(lines: Iterable[str], metadata: Path) -> Iterator[str]:
+    """The lines, stopping at the first that is not UTF-8. Bad bytes arrive as surrogates
+    (errors="surrogateescape"): a strict decoder fails a whole read-ahead block, not a line."""
+    for number, line in enumerate(lines, 1):
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            byte = ord(line[exc.start]) - 0xDC00
+            raise PipelineError(f"{metadata}: line {number}: not UTF-8 (byte 0x{byte:02x})") from None
+        yield line
+
+
+def _csv_rows(handle: Iterable[str], metadata: Path) -> Iterator[tuple[int, list[str]]]:
+    """Each non-blank record with the line it starts on; a file that is not valid CSV is a one-line
+    error naming the line."""
+    reader = csv.reader(_utf8_lines(handle, metadata))
+    end = 0
+    try:
+        for cells in reader:  # a blank line is an empty record, so every line belongs to one record
+            start, end = end + 1, reader.line_num
+            if cells:
+                yield start, cells
+    except csv.Error as exc:
+        raise PipelineError(f"{metadata}: line {reader.line_num}: cannot parse ({exc})") from None
+
+
+def _header(rows: Iterator[tuple[int, list[str]]], metadata: Path, card: DataCard) -> list[str]:
+    first = next(rows, None)
+    if first is None:
         raise PipelineError(f"{metadata}: empty file, expected a header row")
+    header = first[1]
     missing = [column for column in required_columns(card) if column not in header]
     if missing:
         raise PipelineError(f"{metadata}: header: missing column(s) {missing} that the card names")
+    return header
 
 
 def _resolve(folder: Path, relative: str) -> Path | None:
-    """The file a row names, or None when the path escapes the folder (absolute, '..', or a symlink out)."""
+    """The file a row names, or None when the path escapes the folder (absolute, '..', or a symlink out).
+    A symbolic link loop resolves to the link itself, which is then refused by its type."""
     if not relative or PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
         return None
-    target = (folder / relative).resolve()
+    target = Path(os.path.realpath(folder / relative))
     return target if target.is_relative_to(folder) else None
+
+
+def _open_regular(path: Path, relative: str) -> BinaryIO:
+    """A resolved path opened for reading only when it is a regular file. The type is checked before
+    opening and again on the descriptor (opened without following links or waiting for a writer), so
+    a pipe swapped in between can neither block ingest nor be read. A missing file raises
+    FileNotFoundError (or NotADirectoryError) for the caller to judge."""
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                return os.fdopen(fd, "rb")
+            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        raise ImageProblem("unreadable_file", f"cannot open {relative!r}: {exc.strerror}") from None
+    kind = FILE_TYPES.get(stat.S_IFMT(mode), "a special file")
+    raise ImageProblem("not_a_regular_file", f"{relative!r} is {kind}, not a regular file")
 
 
 def _image_record(folder: Path, relative: str, target: Path | None, record_id: str, metadata: dict,
@@ -57,18 +112,34 @@ def _image_record(folder: Path, relative: str, target: Path | None, record_id: s
     if target is None:
         record.problem = ("path_escapes_folder", f"path {relative!r} points outside {folder}")
         return record
-    if not target.is_file():
-        record.problem = ("file_missing", f"no file at {relative!r}")
-        return record
-    size = target.stat().st_size
-    if size > ingest.max_file_bytes:
-        record.problem = ("file_too_large", f"{size} bytes > ingest.max_file_bytes {ingest.max_file_bytes}")
-        return record
-    data = target.read_bytes()
-    record.source_sha256 = sha256_bytes(data)
     try:
+        with _open_regular(target, relative) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > ingest.max_file_bytes:
+                raise ImageProblem("file_too_large", f"{size} bytes > ingest.max_file_bytes {ingest.max_file_bytes}")
+            data = handle.read()
+        record.source_sha256 = sha256_bytes(data)
         record.pixels = decode(data, settings.image_size, settings.channels, ingest.alpha_background,
                                ingest.max_image_pixels)
+    except (FileNotFoundError, NotADirectoryError):
+        record.problem = ("file_missing", f"no file at {relative!r}")
+    except ImageProblem as problem:
+        record.problem = (problem.reason, problem.detail)
+    return record
+
+
+def _unlisted_record(folder: Path, relative: str, metadata_name: str) -> SourceRecord:
+    """A file without a row: hashed when it is a regular file inside the folder, else refused by its type."""
+    record = SourceRecord(record_id=relative, source_uri=f"file:{relative}",
+                          problem=("no_metadata_row", f"{relative!r} has no row in {metadata_name}"))
+    target = _resolve(folder, relative)
+    if target is None:  # never read through a link that leaves the folder
+        return record
+    try:
+        with _open_regular(target, relative) as handle:
+            record.source_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # a dangling link: nothing to hash
     except ImageProblem as problem:
         record.problem = (problem.reason, problem.detail)
     return record
@@ -83,14 +154,6 @@ def _unlisted_files(folder: Path, listed: set[str], skip: set[str]) -> Iterator[
                 yield relative
 
 
-def _rows(reader, metadata_file: Path) -> Iterator:
-    """The CSV's rows; a file that is not valid CSV or UTF-8 is a one-line error naming the line."""
-    try:
-        yield from reader
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{metadata_file}: line {reader.line_num + 1}: cannot parse ({exc})") from None
-
-
 def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSettings) -> Iterator[SourceRecord]:
     folder = Path(settings.source).resolve()
     if not folder.is_dir():
@@ -98,27 +161,29 @@ def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSetting
     metadata_file = folder / settings.metadata
     if not metadata_file.is_file():
         raise PipelineError(f"{metadata_file}: metadata CSV not found")
-    _read_header(metadata_file, card)
     listed: set[str] = set()
-    with metadata_file.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for row in _rows(reader, metadata_file):
-            row.pop(None, None)  # cells beyond the header
-            relative = (row.pop("path") or "").strip()
+    # utf-8-sig: spreadsheet programs start the file with a byte-order mark
+    with metadata_file.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        rows = _csv_rows(handle, metadata_file)
+        header = _header(rows, metadata_file, card)
+        for line, cells in rows:
+            if len(cells) != len(header):  # its cells cannot be matched to columns, so none is trusted
+                where = f"{settings.metadata} line {line}"
+                yield SourceRecord(record_id=where, source_uri=f"file:{settings.metadata}", problem=(
+                    "malformed_row", f"{where}: {len(cells)} cells, the header has {len(header)}"))
+                continue
+            row = dict(zip(header, cells))
+            relative = row.pop("path").strip()
+            if "\x00" in relative:  # no file can have that name, and the OS refuses to look one up
+                where = f"{settings.metadata} line {line}"
+                yield SourceRecord(record_id=where, source_uri=f"file:{settings.metadata}", problem=(
+                    "malformed_row", f"{where}: the path cell holds a NUL byte"))
+                continue
             target = _resolve(folder, relative)
             listed.add(PurePosixPath(relative).as_posix())
             if target is not None:
                 listed.add(target.relative_to(folder).as_posix())
-            record_id = (row.pop("record_id", None) or "").strip() or relative
+            record_id = row.pop("record_id", "").strip() or relative
             yield _image_record(folder, relative, target, record_id, row, settings, ingest)
     for relative in _unlisted_files(folder, listed, {settings.metadata}):
-        digest = None
-        if _resolve(folder, relative) is not None:  # never read through a link that leaves the folder
-            with (folder / relative).open("rb") as handle:
-                digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        yield SourceRecord(
-            record_id=relative,
-            source_uri=f"file:{relative}",
-            source_sha256=digest,
-            problem=("no_metadata_row", f"{relative!r} has no row in {settings.metadata}"),
-        )
+        yield _unlisted_record(folder, relative, settings.metadata)
