@@ -8,7 +8,7 @@ PYTEST_WORKERS ?= 2
 # Debian's chromium opens the governance report in a test; installed once, with sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test ui install browser clean
+.PHONY: run test ui install browser clean balanced readme
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,20 @@ run: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 dvc repro
 	@$(BIN)/python -m pipeline release || true
 
+## The balanced configuration (group_proportions 0.5 / 0.5, every other param as committed) in a worktree of HEAD.
+BALANCED ?= build/balanced
+balanced: $(STAMP)
+	rm -rf $(BALANCED) && git worktree prune && git worktree add --detach --force $(BALANCED) HEAD
+	$(BIN)/python -c "import yaml; p = yaml.safe_load(open('params.yaml')); \
+		p['datasets']['synthetic']['group_proportions'] = {'group_a': 0.5, 'group_b': 0.5}; \
+		yaml.safe_dump(p, open('$(BALANCED)/params.yaml', 'w'), sort_keys=False)"
+	cd $(BALANCED) && PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_TRACKING_URI= dvc repro
+
+## README's result blocks from the runs that produced them: `make run` here and `make balanced`.
+readme: $(STAMP)
+	$(BIN)/python -m pipeline results --command "make run" --readme README.md --block default
+	$(BIN)/python -m pipeline results --root $(BALANCED) --command "make balanced" --readme README.md --block balanced
+
 ## Run the test suite.
 test: $(STAMP) browser
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
@@ -37,4 +51,4 @@ ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data models metrics mlflow.db mlruns mlartifacts reports/validation reports/eval reports/bias reports/shift reports/governance
+	rm -rf build data models metrics mlflow.db mlruns mlartifacts reports/validation reports/eval reports/bias reports/shift reports/governance

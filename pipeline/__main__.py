@@ -6,7 +6,9 @@ A user's mistake ends with one line on stderr naming the file and field, and exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -143,6 +145,32 @@ def _consent_check(args: argparse.Namespace) -> int:
     return 1 if touched else 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from pipeline.results import read_run, replace_block, results_markdown
+
+    markdown = results_markdown(read_run(args.root), args.command_text)
+    if args.readme is None:
+        print(markdown, end="")
+        return 0
+    try:
+        document = args.readme.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipelineError(f"{args.readme}: cannot read ({exc.strerror})") from None
+    args.readme.write_text(replace_block(document, args.block, markdown, args.readme), encoding="utf-8")
+    log.info("%s: block %s rewritten from the run in %s", args.readme, args.block, args.root)
+    return 0
+
+
+def _tracking(args: argparse.Namespace):
+    """A stage that talks to MLflow fails at once, in one line, when the tracking server does not answer;
+    the others do not import tracking at all (their DVC stages do not depend on it)."""
+    if not getattr(args, "tracked", False):
+        return contextlib.nullcontext()
+    from pipeline.tracking import reachable
+
+    return reachable()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -161,29 +189,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="data card YAML file(s)")
     check.set_defaults(handler=_card_check)
 
-    def stage(name: str, help: str, description: str, handler, cards: bool = True) -> argparse.ArgumentParser:
+    def stage(name: str, help: str, description: str, handler, cards: bool = True,
+              tracked: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=description)
         sub.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         if cards:
             sub.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
-        sub.set_defaults(handler=handler)
+        sub.set_defaults(handler=handler, tracked=tracked)
         return sub
 
     stage("ingest", "ingest one dataset (DVC stage ingest@DATASET)",
           "Read a dataset through its source, apply the consent and licence policy to every record, and write "
           "data/ingested/DATASET/: manifest.parquet (accepted records), pixels/ (uint8 shards), quarantine.parquet "
           "(rejected records with a reason) and provenance.json (counts and digests).",
-          _ingest).add_argument("dataset", help="a dataset named under `datasets:` in params.yaml")
+          _ingest, tracked=False).add_argument("dataset", help="a dataset named under `datasets:` in params.yaml")
     stage("validate", "validate every ingested dataset with Great Expectations (DVC stage validate)",
           "Build Great Expectations suites from each dataset's card and params.yaml (schema, governance, identity "
           "within and across datasets, content, coverage, and the card itself), run them, and write Data Docs and "
           "summary.json to reports/validation/. Exits 1 when a critical expectation fails, printing one line per "
-          "failure; warnings are kept for the governance report.", _validate)
+          "failure; warnings are kept for the governance report.", _validate, tracked=False)
     stage("prepare", "split validated data into train / val / test / heldout (DVC stage prepare)",
-          "Refuse to run unless reports/validation/summary.json says validation passed. Then split each dataset, "
-          "stratified by sensitive group and domain and deterministic from prepare.seed, keep the card's held-out "
-          "domains out of training (split `heldout`, for the shift audit), check that no image appears in two "
-          "splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus split_sizes.json.", _prepare)
+          "Refuse to run unless reports/validation/summary.json says validation passed. Then split each dataset: "
+          "each record's split is a keyed hash of (prepare.seed, its image sha256), so a withdrawal moves no other "
+          "record, and strata of domain and sensitive group keep their shares within a stated binomial tolerance; "
+          "keep the card's held-out domains out of training (split `heldout`, for the shift audit), check that no "
+          "image appears in two splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus "
+          "split_sizes.json.", _prepare, tracked=False)
     stage("pretrain", "pretrain the MAE and record it in MLflow (DVC stage pretrain)",
           "Train a Masked Autoencoder on data/prepared/<pretrain.dataset>/train.npy with the settings under "
           "`pretrain:` in params.yaml. Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), "
@@ -237,15 +268,34 @@ def build_parser() -> argparse.ArgumentParser:
           "it; print each version trained on a withdrawn record and tag it in MLflow (consent.status = "
           "withdrawn_records). Exit 1 when any version is affected or cannot be checked. The next `dvc repro` "
           "quarantines the records and retrains.", _consent_check, cards=False)
+    results = commands.add_parser(
+        "results", help="the run's headline numbers as Markdown (for README.md)",
+        description="Render the numbers a finished run wrote (metrics/pretrain.json, metrics/eval.json, "
+        "reports/governance/release.json): pretraining against its baseline, reconstruction, probe and kNN per "
+        "split against the baselines, and every release check. Prints them, or with --readme replaces the block "
+        "between <!-- results:BLOCK --> and <!-- /results:BLOCK --> in that file.")
+    results.add_argument("--root", type=Path, default=Path("."), help="the run's folder (default: here)")
+    results.add_argument("--command", dest="command_text", default="make run",
+                         help="how the run was produced, stated above the numbers (default: make run)")
+    results.add_argument("--readme", type=Path, help="Markdown file whose block to replace")
+    results.add_argument("--block", default="default", help="block name (default: default)")
+    results.set_defaults(handler=_results)
     return parser
+
+
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so a stage removes its partial outputs."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        return args.handler(args)
+        with _tracking(args):
+            return args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,9 +10,9 @@ import hashlib
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from pipeline import PipelineError
 from pipeline.params import SOURCE_KINDS, read_yaml
@@ -23,6 +23,9 @@ RESERVED_COLUMNS = frozenset(
     "record_id dataset sha256 source_sha256 source_uri license consent_status consent_basis collected_at "
     "contributor label domain width height channels pixels_file pixels_index".split()
 )
+# Values that become check ids, file names, table keys and figure labels (group and domain values, label
+# classes): a letter or digit, then letters, digits, '_', '.' or '-', so none can carry markup or a path.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
 class _Strict(BaseModel):
@@ -72,20 +75,20 @@ class Consent(_Strict):
 
 class SensitiveAttribute(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    values: list[str] = Field(min_length=1)
+    values: list[Identifier] = Field(min_length=1)
     description: str = Field(min_length=1)
-    population_shares: dict[str, float] | None = None
+    population_shares: dict[Identifier, float] | None = None
 
 
 class Domains(_Strict):
     column: str | None = Field(default=None, description="acquisition site / device; none: one domain")
-    values: list[str] = []
-    held_out: list[str] = []
+    values: list[Identifier] = []
+    held_out: list[Identifier] = []
 
 
 class Labels(_Strict):
     column: str
-    classes: list[str] = Field(min_length=2)
+    classes: list[Identifier] = Field(min_length=2)
 
 
 class Uses(_Strict):
@@ -99,7 +102,7 @@ class PersonalInformation(_Strict):
 
 
 class DataCard(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     version: str
     description: str = Field(min_length=1)
     maintainers: list[Contact] = Field(min_length=1)
@@ -164,6 +167,9 @@ def semantic_problems(card: DataCard) -> list[tuple[str, str]]:
     domains = card.domains
     if domains.column is None and (domains.values or domains.held_out):
         problems.append(("domains.column", "values or held_out domains need a domain column"))
+    if domains.column is not None and not domains.values:
+        problems.append(("domains.values", "a domain column needs its values declared, so that validation "
+                                           "rejects records of any other domain"))
     unknown_held_out = sorted(set(domains.held_out) - set(domains.values))
     if unknown_held_out:
         problems.append(("domains.held_out", f"{unknown_held_out} are not among domains.values"))

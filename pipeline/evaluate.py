@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from pipeline import PipelineError
+from pipeline.audit import drawn
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.mae import MAEEncoder, MaskedAutoencoderViT
 from pipeline.params import DEFAULT_PARAMS, EvaluateSettings, load_params
@@ -51,7 +52,7 @@ class Split:
 def load_model(model_dir: Path) -> tuple[MaskedAutoencoderViT, dict]:
     try:
         config = json.loads((model_dir / "config.json").read_text())
-        state = torch.load(model_dir / "model.pt", map_location="cpu")
+        state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise PipelineError(f"{exc.filename}: not found; run `dvc repro pretrain` first") from None
     model = MaskedAutoencoderViT(**config["model"])
@@ -162,9 +163,10 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
     records = pd.concat([s.records.assign(from_split=s.name, row=np.arange(len(s.records))) for s in unseen])
     images = {s.name: s.images for s in unseen}
     written = []
-    panels = [(f"{attr} = {value}", f"{slug(attr)}-{slug(str(value))}", part)
+    panels = [(f"{attr} = {drawn(value)}", f"{slug(attr)}-{slug(str(value))}", part)
               for attr in attributes for value, part in records.groupby(attr)]
-    panels += [(f"domain {value}", f"domain-{slug(str(value))}", part) for value, part in records.groupby("domain")]
+    panels += [(f"domain {drawn(value)}", f"domain-{slug(str(value))}", part)
+               for value, part in records.groupby("domain")]
     for title, name, part in panels:
         chosen = part.sort_values("record_id").head(settings.figure_images)
         batch = torch.stack([images[item.from_split][item.row] for item in chosen.itertuples()])

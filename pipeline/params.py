@@ -185,28 +185,56 @@ class EvaluateSettings(_Strict):
     threads: int = Field(default=2, gt=0)
 
 
-class BiasSettings(_Strict):
+class BootstrapSettings(_Strict):
+    """Resampling shared by every bootstrap check (pipeline.audit.stats.compare)."""
+
+    n_boot: int = Field(default=1000, ge=50, description="bootstrap resamples to start with")
+    max_n_boot: int = Field(default=32000, ge=50, description="resamples are doubled up to this while a bound "
+                                                              "lies within its Monte-Carlo error of a threshold")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1, description="of each family of intervals")
+    power: float = Field(default=0.8, gt=0, lt=1, description="for the smallest detectable difference")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cap_above_start(self) -> BootstrapSettings:
+        if self.max_n_boot < self.n_boot:
+            raise ValueError("max_n_boot must be at least n_boot")
+        return self
+
+
+Adjustment = Literal["bonferroni", "sidak", "none"]
+
+
+class BiasSettings(BootstrapSettings):
     splits: list[Literal["val", "test", "heldout"]] = Field(default=["val", "test"], min_length=1,
                                                            description="images the model never saw")
-    n_boot: int = Field(default=1000, ge=50, description="bootstrap resamples per grouping")
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    power: float = Field(default=0.8, gt=0, lt=1, description="for the group size that detects the threshold")
-    seed: int = 0
     min_group_size: int = Field(default=30, ge=1, description="smaller groups: insufficient data, values withheld")
-    max_relative_error_gap: float = Field(gt=0, description="worst group's reconstruction error / best's - 1")
-    max_accuracy_gap: float = Field(gt=0, le=1, description="best group's probe / kNN accuracy - worst's")
+    reference_groups: dict[str, str] = Field(default={}, description="attribute -> the group every other is "
+                                                                     "compared with (default: the best-served)")
+    adjustment: Adjustment = Field(default="bonferroni", description="for more than one comparison per metric "
+                                                                     "and grouping")
+    max_relative_error_gap: float = Field(gt=0, description="tolerance on a group's reconstruction error / the "
+                                                            "reference's - 1 (±)")
+    max_accuracy_gap: float = Field(gt=0, le=1, description="tolerance on a group's probe / kNN accuracy - the "
+                                                            "reference's (±)")
     min_representation_ratio: float = Field(default=0.8, gt=0, le=1,
                                             description="training share / population share below it is flagged")
 
 
-class ShiftSettings(_Strict):
-    seed: int = 0
+class ShiftSettings(BootstrapSettings):
     alpha: float = Field(default=0.05, gt=0, lt=1, description="significance level of the drift test")
     permutations: int = Field(default=500, ge=50)
+    max_permutations: int = Field(default=8000, ge=50, description="permutations are doubled up to this while "
+                                                                   "the p-value lies within its Monte-Carlo error "
+                                                                   "of alpha")
     max_samples: int = Field(default=500, ge=10, description="per side of a drift test (bounds its cost)")
     classifier_folds: int = Field(default=5, ge=2)
-    n_boot: int = Field(default=1000, ge=50)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    adjustment: Adjustment = Field(default="bonferroni", description="across the held-out domains")
+    power_shares: list[float] = Field(default=[0.05, 0.1, 0.2, 0.3, 0.5], min_length=1,
+                                      description="shares of held-out images mixed into in-distribution ones to "
+                                                  "simulate the drift test's power")
+    power_trials: int = Field(default=40, ge=10, description="simulated tests per share")
+    power_permutations: int = Field(default=100, ge=20, description="permutations per simulated test")
     max_domain_auc: float = Field(gt=0.5, le=1, description="a significant drift with a larger AUC fails")
     max_relative_error_increase: float = Field(gt=0, description="held-out domain error / in-distribution - 1")
     max_accuracy_drop: float = Field(gt=0, le=1)
@@ -215,22 +243,25 @@ class ShiftSettings(_Strict):
     mask_ratios: list[float] = Field(default=[0.25, 0.5, 0.75, 0.9], min_length=1)
     overtrust_images: int = Field(default=2, ge=1)
 
-    @field_validator("mask_ratios")
+    @field_validator("mask_ratios", "power_shares")
     @classmethod
-    def _ratios(cls, value: list[float]) -> list[float]:
+    def _fractions(cls, value: list[float]) -> list[float]:
         if not all(0 < r < 1 for r in value):
-            raise ValueError("mask ratios must lie strictly between 0 and 1")
+            raise ValueError("must lie strictly between 0 and 1")
         return value
 
+    @model_validator(mode="after")
+    def _permutation_cap(self) -> ShiftSettings:
+        if self.max_permutations < self.permutations:
+            raise ValueError("max_permutations must be at least permutations")
+        return self
 
-class ReportSettings(_Strict):
+
+class ReportSettings(BootstrapSettings):
     registered_model: str = Field(default="mae-encoder", pattern=r"^[A-Za-z0-9_.-]+$")
     block_on: list[Literal["fail", "inconclusive"]] = Field(default=["fail"], min_length=1)
     advisory: list[str] = Field(default=[], description="check-id patterns reported but not blocking")
-    max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1")
-    n_boot: int = Field(default=1000, ge=50)
-    confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    seed: int = 0
+    max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1 (one-sided)")
     figure_width: int = Field(default=720, ge=100)
 
 

@@ -21,7 +21,7 @@ from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
 from pipeline.params import DEFAULT_PARAMS, PretrainSettings, load_params
 from pipeline.paths import INGESTED, MODEL_DIR, PREPARED
 from pipeline.reconstruction import masking_noise, reconstruction_figure
-from pipeline.tracking import lineage_tags, md5, quiet, silenced_stdout, tracking_uri, write_run_file
+from pipeline.tracking import StepMetrics, connect, lineage_tags, md5, quiet, silenced_stdout, write_run_file
 from pipeline.train import State, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,8 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
     inputs = [folder / "train.npy", folder / "train.parquet", folder / "val.npy"]
     run_fingerprint = fingerprint(settings, model_args, md5(inputs[0]), world.size)
 
-    mlflow = None
-    if world.main:
-        import mlflow
-        import mlflow.data
-        import mlflow.pytorch
-
-        mlflow.set_tracking_uri(tracking_uri())
+    mlflow = connect() if world.main else None
+    step_log = StepMetrics(mlflow)
 
     def on_start(state: State) -> None:
         if not world.main:
@@ -108,28 +103,31 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
         tags = lineage_tags(inputs, [ingested / settings.dataset / "provenance.json"])
         params_flat = {**settings.model_dump(mode="json"), **{f"model.{k}": v for k, v in model_args.items()},
                        "world_size": world.size, "train_images": len(train_pixels)}
+        resumed = state.run_id is not None
         with silenced_stdout():
             run = _start_run(mlflow, settings, state, params_flat, tags, datasets)
         state.run_id = run.info.run_id
+        if resumed:
+            step_log.resume(state.run_id)
 
     def on_step(step: int, values: dict) -> None:
-        mlflow.log_metrics(values, step=step)
+        step_log.log(values, step)
 
     def on_epoch(state: State) -> None:
         val_loss, _ = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
         state.history[-1]["val_loss"] = val_loss
-        mlflow.log_metrics({"epoch_train_loss": state.history[-1]["train_loss"], "val_masked_loss": val_loss,
-                            "images_per_second": state.history[-1]["images_per_second"]}, step=state.epoch)
+        step_log.log({"epoch_train_loss": state.history[-1]["train_loss"], "val_masked_loss": val_loss,
+                      "images_per_second": state.history[-1]["images_per_second"]}, state.epoch)
 
     state = train(model, train_images, settings, checkpoint, run_fingerprint, world, on_start, on_step, on_epoch)
     if not world.main:
         return None
-    return _finish(mlflow, model, model_args, settings, state, val_images, mean, std, model_dir, metrics_file,
-                   curve_file, train_pixels, inputs)
+    return _finish(mlflow, step_log, model, model_args, settings, state, val_images, mean, std, model_dir,
+                   metrics_file, curve_file, train_pixels, inputs)
 
 
-def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, model_dir, metrics_file, curve_file,
-            train_pixels, inputs) -> dict:
+def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, val_images, mean, std, model_dir,
+            metrics_file, curve_file, train_pixels, inputs) -> dict:
     val_loss, baseline = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
     metrics = {"val_masked_loss": round(val_loss, 6), "val_patch_mean_baseline": round(baseline, 6),
                "improvement_over_baseline": round(1 - val_loss / baseline, 6),
@@ -162,7 +160,7 @@ def _finish(mlflow, model, model_args, settings, state, val_images, mean, std, m
     from mlflow.models import infer_signature
 
     with silenced_stdout():
-        mlflow.log_metrics({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in metrics.items()})
+        step_log.log({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in metrics.items()}, 0)
         mlflow.log_figure(figure, "figures/reconstructions.png")
         mlflow.log_artifact(str(model_dir / "config.json"))
         mlflow.log_artifact(str(curve_file))

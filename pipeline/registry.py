@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipeline import PipelineError
 from pipeline.audit import fmt
-from pipeline.tracking import md5, quiet, silenced_stdout, tracking_uri
+from pipeline.tracking import connect, lost_connection, md5, mlflow_error, silenced_stdout
 
 log = logging.getLogger(__name__)
 
@@ -26,27 +26,18 @@ ID_COLUMNS = ("record_id", "sha256", "source_sha256")
 
 
 def _client():
-    quiet()
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient()
-
-
-def _mlflow_error(what: str, exc: Exception) -> PipelineError:
-    return PipelineError(f"MLflow at {tracking_uri()}: {what} ({str(exc).splitlines()[0]})")
+    return connect().MlflowClient()
 
 
 def lineage_of_run(run: dict, train_path: Path, root: Path) -> dict:
-    """The run's git state and data hashes, after checking that the training manifest on disk is the one
-    the run trained on (so the record ids logged with the model are the right ones)."""
+    """The run's git state (commit, dirty flag, changed paths) and data hashes, after checking that the training
+    manifest on disk is the one the run trained on (so the record ids logged with the model are the right ones)."""
     from mlflow.exceptions import MlflowException
 
     try:
         tags = _client().get_run(run["run_id"]).data.tags
     except MlflowException as exc:
-        raise _mlflow_error(f"run {run['run_id']} of models/mae/run.json is not there", exc) from None
+        raise mlflow_error(f"run {run['run_id']} of models/mae/run.json is not there", exc) from None
     key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
     if key in tags and tags[key] != md5(train_path):
         raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
@@ -54,7 +45,7 @@ def lineage_of_run(run: dict, train_path: Path, root: Path) -> dict:
     hashes = {k.removeprefix("dvc.md5."): v for k, v in sorted(tags.items()) if k.startswith("dvc.md5.")}
     hashes.update({k: v for k, v in sorted(tags.items()) if k.startswith("data.") and k.endswith("sha256")})
     return {"git.commit": tags.get("git.commit", "unknown"), "git.dirty": tags.get("git.dirty", "unknown"),
-            "hashes": hashes}
+            "git.changed_paths": tags.get("git.changed_paths", ""), "hashes": hashes}
 
 
 def register_version(name: str, run: dict, decision: str) -> str:
@@ -77,7 +68,7 @@ def register_version(name: str, run: dict, decision: str) -> str:
                                               tags={"release.decision": decision},
                                               model_id=run["model_uri"].removeprefix("models:/"))
     except MlflowException as exc:
-        raise _mlflow_error(f"cannot register {name}", exc) from None
+        raise mlflow_error(f"cannot register {name}", exc) from None
     log.info("registered %s version %s (run %s)", name, version.version, run["run_id"])
     return str(version.version)
 
@@ -112,7 +103,7 @@ def log_report(name: str, version: str, run: dict, folder: Path, release: dict) 
         elif _alias_version(client, name, "approved") == version:
             client.delete_registered_model_alias(name, "approved")
     except MlflowException as exc:
-        raise _mlflow_error(f"cannot record the report on {name} version {version}", exc) from None
+        raise mlflow_error(f"cannot record the report on {name} version {version}", exc) from None
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
@@ -169,7 +160,7 @@ def consent_check(name: str, withdrawn: frozenset[str], withdrawals_file: str) -
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as exc:
-        raise _mlflow_error(f"cannot list versions of {name}", exc) from None
+        raise mlflow_error(f"cannot list versions of {name}", exc) from None
     findings = []
     for version in sorted(versions, key=lambda v: int(v.version)):
         entry = {"version": str(version.version), "run_id": version.run_id, "records": None, "withdrawn": []}
@@ -179,6 +170,8 @@ def consent_check(name: str, withdrawn: frozenset[str], withdrawals_file: str) -
                                                            dst_path=tmp)
                 records = pd.read_csv(path, dtype=str)
         except (MlflowException, OSError) as exc:
+            if lost_connection(exc):
+                raise mlflow_error(f"cannot download {RECORDS_ARTIFACT} of version {version.version}", exc) from None
             entry["error"] = f"no training records ({str(exc).splitlines()[0]})"
             findings.append(entry)
             continue

@@ -17,14 +17,15 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline import PipelineError
-from pipeline.audit import fmt, interval_decision, jsonable, overall_status
-from pipeline.audit.shift import relative_increase
+from pipeline.audit import fmt, jsonable, overall_status, text
+from pipeline.audit.stats import Criterion, compare
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.evaluate import UNSEEN
 from pipeline.ingest import load_withdrawals
@@ -101,33 +102,39 @@ def consent_checks(dataset: str, card: DataCard, params: Params, provenance: dic
 def memorization_checks(samples: pd.DataFrame, attributes: list[str], settings: ReportSettings,
                         min_group_size: int) -> tuple[list[dict], dict]:
     """Unseen images' reconstruction error relative to training images', overall and per group: a model
-    that reconstructs what it saw much better than what it did not has memorised it (a privacy signal)."""
+    that reconstructs what it saw much better than what it did not has memorised it (a privacy signal).
+    One-sided: only an unseen error above the training error beyond the threshold is harmful."""
+    criterion = Criterion(settings.max_memorization_gap, "higher", equivalence=False)
     parts = [("overall", samples)] + [(f"{attr}={value}", part) for attr in attributes
                                       for value, part in samples.groupby(attr)]
     checks, table = [], {}
-    for name, part in parts:
+    for position, (name, part) in enumerate(parts):
         seen = part.loc[part["split"] == "train", "recon_mse"].to_numpy()
         unseen = part.loc[part["split"].isin(UNSEEN), "recon_mse"].to_numpy()
         entry = {"train_count": len(seen), "unseen_count": len(unseen)}
         if min(len(seen), len(unseen)) < min_group_size:
-            status, value, interval = "inconclusive", None, None
-            entry["note"] = f"insufficient data (fewer than {min_group_size} images on a side)"
+            note = f"insufficient data (fewer than {min_group_size} images on a side)"
+            gap = {"status": "inconclusive", "value": None, "interval": None, "reason": note}
+            entry["note"] = note
         else:
-            gap = relative_increase(seen, unseen, settings, settings.seed)
-            value, interval = gap["value"], gap["interval"]
-            status = interval_decision(interval[0], interval[1], settings.max_memorization_gap)
+            gap = compare(seen, unseen, "relative", criterion, settings, seed=[settings.seed, position])
             entry.update(train_mse=float(seen.mean()), unseen_mse=float(unseen.mean()))
-        entry.update(status=status, value=value, interval=interval)
+        entry.update(status=gap["status"], value=gap["value"], interval=gap["interval"])
         table[name] = entry
-        checks.append(check(f"memorization.{name}", "memorization", status, "unseen error / training error - 1",
-                            value, settings.max_memorization_gap, "reports/governance/report.md#memorization",
-                            interval=interval))
+        checks.append(check(f"memorization.{name}", "memorization", statistic="unseen error / training error - 1",
+                            threshold=settings.max_memorization_gap, detail="reports/governance/report.md#memorization",
+                            reference="training images", **gap))
     return checks, table
 
 
+# what release.json keeps of an audit's checks: the decision and the statistics a reviewer needs to trust it
+AUDIT_FIELDS = ("id", "status", "statistic", "value", "interval", "threshold", "detail", "grouping", "group",
+                "metric", "reference", "test", "harmful", "confidence", "adjustment", "mc_error", "n_boot",
+                "p_value", "permutations", "alpha", "power", "min_detectable", "reason")
+
+
 def audit_checks(area: str, result: dict) -> list[dict]:
-    keep = ("id", "status", "statistic", "value", "interval", "threshold", "detail", "worst_group")
-    return [{"area": area, **{k: c[k] for k in keep if k in c}} for c in result["checks"]]
+    return [{"area": area, **{k: c[k] for k in AUDIT_FIELDS if k in c}} for c in result["checks"]]
 
 
 def decide_release(checks: list[dict], settings: ReportSettings) -> dict:
@@ -146,13 +153,11 @@ def decide_release(checks: list[dict], settings: ReportSettings) -> dict:
 
 # ---------------------------------------------------------------- Markdown
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>!|~&])")
-
-
-def text(value) -> str:
-    """Card text as inert Markdown: one line, every character that could start markup escaped, so a card
-    cannot inject HTML, script, links or remote images into the report."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+def code(value) -> str:
+    """An identifier as a code span; a value that could close the span or split a table cell (a backtick or a
+    pipe) is shown as escaped text instead."""
+    value = " ".join(str(value).split())
+    return text(value) if "`" in value or "|" in value else f"`{value}`"
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -163,41 +168,88 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 def checks_table(checks: list[dict]) -> list[str]:
     return table(["check", "status", "blocking", "statistic", "value", "interval", "threshold", "detail"],
-                 [[c["id"], c["status"].upper() if c["status"] == "fail" else c["status"],
-                   "yes" if c.get("blocking", True) else "advisory", c["statistic"], fmt(c["value"]),
-                   fmt(c["interval"]), c["threshold"], f"`{c['detail']}`"] for c in checks])
+                 [[text(c["id"]), c["status"].upper() if c["status"] == "fail" else c["status"],
+                   "yes" if c.get("blocking", True) else "advisory", text(c["statistic"]), fmt(c["value"]),
+                   fmt(c["interval"]), text(c["threshold"]), code(c["detail"])] for c in checks])
+
+
+def _confidence(c: dict) -> str:
+    adjustment = c.get("adjustment") or {}
+    if not c.get("confidence"):
+        return "—"
+    if adjustment.get("comparisons", 1) > 1:
+        return (f"{c['confidence']:.2%} ({adjustment['method']}, {adjustment['comparisons']} comparisons, family "
+                f"{adjustment['family_confidence']:.0%})")
+    return f"{c['confidence']:.0%}"
+
+
+def _power(c: dict) -> str:
+    """What the check could have found: the smallest effect it resolves with 80% power, and for a drift test that
+    found nothing, the power at each simulated mixture share."""
+    if c.get("power"):
+        share = c["power"].get("detectable_share")
+        curve = ", ".join(f"{p['share']:.0%}: {p['power']:.2f}" for p in c["power"]["curve"])
+        found = f"a {share:.0%} share of held-out-domain images" if share is not None else "no simulated share"
+        return f"{found} (power by share: {curve})"
+    if c.get("min_detectable"):
+        return f"a difference of {fmt(c['min_detectable']['value'], 3)}"
+    return "—"
+
+
+def evidence_table(checks: list[dict]) -> list[str]:
+    """How each decided check was decided: against what, by which test, at which (adjusted) confidence, how far the
+    bounds could move with another bootstrap seed, the p-value of a test, and what the check could have found."""
+    rows = [[text(c["id"]), text(c.get("reference") or "—"),
+             c.get("test") or ("MMD permutation" if c.get("p_value") is not None else "—"),
+             f"{c['harmful']} is worse" if c.get("harmful") else "—", _confidence(c),
+             fmt(c.get("n_boot") or c.get("permutations")), fmt(c.get("mc_error"), 4),
+             (f"{c['p_value']:.4f}" + (f" (alpha {c['alpha']})" if c.get("alpha") else "")) if c.get("p_value")
+             is not None else "—", _power(c), text(c.get("reason") or "")]
+            for c in checks if any(c.get(k) is not None for k in ("reference", "p_value", "min_detectable"))]
+    if not rows:
+        return []
+    return ["How each check was decided (MC error: the Monte-Carlo error of each bound or p-value, so a decision "
+            "does not hang on the resampling seed; a bound within it of the threshold is inconclusive):", ""] + table(
+        ["check", "reference", "test", "direction", "confidence", "resamples", "MC error", "p-value",
+         "what it could detect (80% power)", "reason"], rows)
 
 
 def figure(name: str, caption: str) -> list[str]:
-    return [f"![{caption}](figures/{name})", "", f"*{caption}*", ""]
+    return [f"![{text(caption)}](figures/{name})", "", f"*{text(caption)}*", ""]
 
 
 def report_markdown(evidence: dict) -> str:
     """The whole report; report.html is this text rendered."""
     release, model = evidence["release"], evidence["model"]
     checks = release["checks"]
-    lines = [f"# Governance report: MAE encoder on {model['dataset']}", ""]
+    lines = [f"# Governance report: MAE encoder on {text(model['dataset'])}", ""]
     verdict = release["decision"].upper()
     if release["blocked_by"]:
         lines += [f"## Release decision: {verdict}", "", "Blocked by these checks (status in "
                   f"{', '.join(release['policy']['block_on'])}):", ""]
-        lines += [f"- `{c}`" for c in release["blocked_by"]] + [""]
+        lines += [f"- {code(c)}" for c in release["blocked_by"]] + [""]
     else:
         lines += [f"## Release decision: {verdict}", "", "No blocking check has a blocking status "
                   f"({', '.join(release['policy']['block_on'])}).", ""]
     inconclusive = [c["id"] for c in checks if c["status"] == "inconclusive"]
     if inconclusive:
         lines += ["Inconclusive (the data could not decide either way; more evidence is needed, not assumed): "
-                  + ", ".join(f"`{c}`" for c in inconclusive), ""]
+                  + ", ".join(code(c) for c in inconclusive), ""]
     lines += table(["area", "status of blocking checks", "status of advisory checks"],
                    [[area, e["status"], e["advisory"] or "—"] for area, e in release["areas"].items()])
     lines += [f"Model: registered model `{model['registered_model']}` version {model['version']}, MLflow run "
-              f"`{model['run_id']}`, git commit `{model['git_commit']}`" + (" (uncommitted changes)"
-                                                                           if model["git_dirty"] == "true" else "")
-              + ".", "", "Every number below is a measurement on this model and this data; intervals are "
-              f"{evidence['confidence']:.0%} bootstrap intervals. A check fails only when its whole interval lies "
-              "beyond the threshold and passes only when it lies within it.", "", "## Release checks", ""]
-    lines += checks_table(checks)
+              f"`{model['run_id']}`, git commit `{model['git_commit']}`" + (
+                  f" (uncommitted changes: {text(model['git_changed_paths'] or 'paths not recorded')})"
+                  if model["git_dirty"] == "true" else "")
+              + ".", "", "Every number below is a measurement on this model and this data. Disparities are signed "
+              "differences against a named reference (a group, in-distribution images, training images), with "
+              "bootstrap intervals at the confidence shown, adjusted (Bonferroni) where several groups are compared. "
+              "A group check passes only when its whole interval lies within plus or minus the threshold "
+              "(equivalence), fails only when it lies wholly beyond the threshold on the harmful side, and is "
+              "inconclusive otherwise; domain and memorization checks are one-sided (non-inferiority). A bound "
+              "within its Monte-Carlo error of the threshold is inconclusive rather than decided on resampling "
+              "noise.", "", "## Release checks", ""]
+    lines += checks_table(checks) + evidence_table(checks)
     lines += provenance_section(evidence) + consent_section(evidence) + validation_section(evidence)
     lines += training_section(evidence) + evaluation_section(evidence) + audit_section(evidence, "bias")
     lines += audit_section(evidence, "shift") + memorization_section(evidence) + overtrust_section(evidence)
@@ -210,16 +262,16 @@ def provenance_section(evidence: dict) -> list[str]:
     rows = []
     for name, item in evidence["datasets"].items():
         card, counts = item["card"], item["counts"]
-        rows.append([name, text(card["version"]), text(card["source"].get("uri") or card["source"]["kind"]),
+        rows.append([text(name), text(card["version"]), text(card["source"].get("uri") or card["source"]["kind"]),
                      text(card["license"]["spdx"]), text("; ".join(card["provenance"]["creators"])),
                      f"{card['provenance']['timeframe']['start']} to {card['provenance']['timeframe']['end']}",
                      counts["read"], counts["accepted"], counts["quarantined"]])
     lines += table(["dataset", "card version", "source", "licence", "creators", "timeframe", "read", "accepted",
                     "quarantined"], rows)
     lines += ["Collection method per dataset:", ""]
-    lines += [f"- **{name}**: {text(item['card']['provenance']['collection_method'])}"
+    lines += [f"- **{text(name)}**: {text(item['card']['provenance']['collection_method'])}"
               for name, item in evidence["datasets"].items()] + [""]
-    rows = [[name, reason, text(REASONS.get(reason, "")), n] for name, item in evidence["datasets"].items()
+    rows = [[text(name), reason, text(REASONS.get(reason, "")), n] for name, item in evidence["datasets"].items()
             for reason, n in sorted(item["counts"]["by_reason"].items())]
     lines += ["Quarantined records by reason (each is kept in `data/ingested/<dataset>/quarantine.parquet`):", ""]
     lines += table(["dataset", "reason", "meaning", "records"], rows) if rows else ["None quarantined.", ""]
@@ -231,8 +283,8 @@ def consent_section(evidence: dict) -> list[str]:
     rows = []
     for name, item in evidence["datasets"].items():
         consent, by_reason = item["card"]["consent"], item["counts"]["by_reason"]
-        rows.append([name, consent["basis"], consent["training_permission"], by_reason.get("consent_withdrawn", 0),
-                     by_reason.get("withdrawal_request", 0),
+        rows.append([text(name), consent["basis"], consent["training_permission"],
+                     by_reason.get("consent_withdrawn", 0), by_reason.get("withdrawal_request", 0),
                      sum(n for r, n in by_reason.items() if r.startswith("consent") or r == "training_not_permitted"),
                      text(consent["withdrawal"])])
     lines += table(["dataset", "basis", "training permission", "withdrawn by subjects", "excluded on request "
@@ -240,7 +292,7 @@ def consent_section(evidence: dict) -> list[str]:
     undocumented = [n for n, item in evidence["datasets"].items() if item["card"]["consent"]["basis"] == "undocumented"]
     accepted = evidence["policy"]["accept_undocumented_consent"]
     if undocumented:
-        lines += [f"Subjects' consent is undocumented for: {', '.join(undocumented)}. The policy "
+        lines += [f"Subjects' consent is undocumented for: {', '.join(map(text, undocumented))}. The policy "
                   + ("accepts such datasets (policy.accept_undocumented_consent); a reviewer should weigh that."
                      if accepted else "refuses such datasets: their records are quarantined."), ""]
     else:
@@ -258,7 +310,7 @@ def validation_section(evidence: dict) -> list[str]:
              f"{summary['failed_critical']} critical and {summary['failed_warning']} warning expectations failed. "
              "Data Docs: `reports/validation/index.html`.", ""]
     lines += table(["dataset", "expectations", "failed", "critical", "warning"],
-                   [[n, d["evaluated"], d["failed"], d["failed_critical"], d["failed_warning"]]
+                   [[text(n), d["evaluated"], d["failed"], d["failed_critical"], d["failed_warning"]]
                     for n, d in summary["datasets"].items()])
     if evidence["validation_failures"]:
         lines += ["Failed expectations:", ""] + [f"- {text(line)}" for line in evidence["validation_failures"]] + [""]
@@ -273,7 +325,7 @@ def training_section(evidence: dict) -> list[str]:
         ["architecture", f"MAE ViT preset `{model['preset']}`: {arch['img_size']} px images, patch {arch['patch_size']}, "
                          f"encoder {arch['depth']} x {arch['embed_dim']}, decoder {arch['decoder_depth']} x "
                          f"{arch['decoder_embed_dim']}, mask ratio {model['mask_ratio']}"],
-        ["trained on", f"{model['dataset']}: {evidence['training']['records']} training images"],
+        ["trained on", f"{text(model['dataset'])}: {evidence['training']['records']} training images"],
         ["epochs / steps", f"{metrics['epochs']} / {metrics['steps']}"],
         ["validation masked-patch loss", f"{metrics['val_masked_loss']:.4f} against {metrics['val_patch_mean_baseline']:.4f} "
                                          "for predicting each patch's mean"],
@@ -318,16 +370,21 @@ def audit_section(evidence: dict, area: str) -> list[str]:
     lines = [f"## {title}", "", f"Audit status: **{result['status']}**. Full report: `reports/{area}/{area}.md`.", ""]
     lines += checks_table([c for c in evidence["release"]["checks"] if c["area"] == area])
     if area == "bias":
-        rows = [[attr, group, item["train_count"], f"{item['train_share']:.1%}", fmt(item["population_share"], 3),
-                 fmt(item["ratio"], 3)] for attr, entry in result["representation"].items()
-                for group, item in entry["groups"].items()]
+        rows = [[text(attr), text(group), item["train_count"], f"{item['train_share']:.1%}",
+                 fmt(item["population_share"], 3), fmt(item["ratio"], 3)]
+                for attr, entry in result["representation"].items() for group, item in entry["groups"].items()]
         lines += ["Representation in the training data against the card's population shares:", ""]
         lines += table(["attribute", "group", "training images", "training share", "population share", "ratio"], rows)
     else:
         corruptions = result.get("corruptions") or {}
-        if corruptions.get("relative_mce") is not None:
-            lines += [f"Mean corruption error relative to clean images: {fmt(corruptions['relative_mce'], 3)} "
-                      "(six corruptions at five severities).", ""]
+        check = next((c for c in evidence["release"]["checks"] if c["id"] == "shift.corruptions"), None)
+        if check is not None:
+            probe = corruptions.get("relative_mce_probe")
+            lines += [f"Corruptions ({corruptions.get('images', '—')} images, six corruptions at five severities): mean "
+                      f"reconstruction error {fmt(check['value'], 3)} times the clean error, against at most "
+                      f"{fmt(check['threshold'])}: **{check['status']}**"
+                      + (f"; mean probe error {fmt(probe, 3)} times the clean error" if probe is not None else "")
+                      + ".", ""]
     for name, caption in evidence["figures"][area]:
         lines += figure(name, caption)
     return lines
@@ -340,7 +397,7 @@ def memorization_section(evidence: dict) -> list[str]:
              "the people in the training data.", ""]
     lines += table(["images", "training n", "unseen n", "training MSE", "unseen MSE", "relative gap", "interval",
                     "status"],
-                   [[name, e["train_count"], e["unseen_count"], fmt(e.get("train_mse")), fmt(e.get("unseen_mse")),
+                   [[text(name), e["train_count"], e["unseen_count"], fmt(e.get("train_mse")), fmt(e.get("unseen_mse")),
                      fmt(e["value"]), fmt(e["interval"]), e["status"] if "note" not in e else e["note"]]
                     for name, e in evidence["memorization"].items()])
     return lines
@@ -360,7 +417,7 @@ def uses_section(evidence: dict) -> list[str]:
     lines = ["## Intended and out-of-scope uses", ""]
     for name, item in evidence["datasets"].items():
         card = item["card"]
-        lines += [f"### {name}", "", "Intended:", ""] + [f"- {text(u)}" for u in card["uses"]["intended"]]
+        lines += [f"### {text(name)}", "", "Intended:", ""] + [f"- {text(u)}" for u in card["uses"]["intended"]]
         lines += ["", "Out of scope:", ""] + [f"- {text(u)}" for u in card["uses"]["out_of_scope"]]
         lines += ["", "Known limitations:", ""] + [f"- {text(u)}" for u in card["known_limitations"]]
         lines += ["", "Known biases:", ""] + [f"- {text(u)}" for u in card["known_biases"]] + [""]
@@ -375,18 +432,23 @@ text-align:left;vertical-align:top}th{background:#f3f3f3}code{background:#f5f5f5
 img{max-width:100%;border:1px solid #ddd}h1{border-bottom:2px solid #333}h2{border-bottom:1px solid #ccc;margin-top:2em}"""
 
 
-def report_html(markdown: str, folder: Path, title: str, figure_width: int) -> str:
-    """The Markdown rendered with raw HTML disabled (so any markup that slipped through stays text), each figure
-    embedded as a data URI, no script and no remote resource: one file that opens offline."""
+def report_html(markdown: str, folder: Path, title: str, figure_width: int, figures: Iterable[str] = ()) -> str:
+    """The Markdown rendered with raw HTML disabled (so any markup that slipped through stays text), no script and
+    no remote resource: one file that opens offline. Only the stage's own figures are embedded, as data URIs: an
+    image whose source is `figures/<name>` for one of `figures` (the names in folder/figures). Any other image,
+    a path or a URL, is shown as inert text, never read or fetched."""
     from markdown_it import MarkdownIt
 
     parser = MarkdownIt("commonmark", {"html": False}).enable("table")
+    embedded = {f"figures/{name}": base64.b64encode((folder / "figures" / name).read_bytes()).decode("ascii")
+                for name in figures}
 
     def image(renderer, tokens, idx, options, env):
         token = tokens[idx]
-        path = folder / token.attrGet("src")
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
         alt = parser.renderer.renderInlineAsText(token.children or [], options, env)
+        data = embedded.get(token.attrGet("src"))
+        if data is None:
+            return html.escape(f"![{alt}]({token.attrGet('src')})")
         return (f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" '
                 f'style="max-width:{figure_width}px">')
 
@@ -419,27 +481,28 @@ def model_card(evidence: dict) -> str:
              "(`report.html`, `report.md`) and `release.json` are logged beside this model.", "",
              "## Model details", "",
              f"A Masked Autoencoder (He et al., 2021) ViT encoder, preset `{model['preset']}`, pretrained on "
-             f"{model['dataset']} by hiding {model['mask_ratio']:.0%} of each image's patches and reconstructing them. "
+             f"{text(model['dataset'])} by hiding {model['mask_ratio']:.0%} of each image's patches and reconstructing "
+             "them. "
              f"MLflow run `{model['run_id']}`, git commit `{model['git_commit']}`, logged model `{model['model_uri']}`.",
              "", "## Intended use", ""]
     lines += [f"- {text(u)}" for u in trained["uses"]["intended"]]
     lines += ["", "Out of scope:", ""] + [f"- {text(u)}" for u in trained["uses"]["out_of_scope"]]
     lines += ["- Treating a reconstruction as evidence of what a hidden region contained.", "",
               "## Factors", "", "Groups audited (sensitive attributes from the data card, and their intersections): "
-              + (", ".join(bias_groups) or "none declared") + ". Domains held out for the shift audit: "
-              + (", ".join(evidence["shift"].get("held_out_domains", [])) or "none") + ".", "",
+              + (", ".join(map(text, bias_groups)) or "none declared") + ". Domains held out for the shift audit: "
+              + (", ".join(map(text, evidence["shift"].get("held_out_domains", []))) or "none") + ".", "",
               "## Metrics", "", "Hidden-pixel reconstruction MSE and PSNR against a random-init model and a patch-mean "
               "predictor; linear-probe and kNN top-1 accuracy on frozen features against random-init and raw-pixel "
               "features; per-group gaps with bootstrap intervals (fairlearn MetricFrame); held-out domain error "
               "increase, corruption error, MMD drift test; train against unseen error for memorization.", "",
               "## Evaluation data", "",
-              f"The val, test and held-out-domain splits of {model['dataset']}, never used for training.", "",
+              f"The val, test and held-out-domain splits of {text(model['dataset'])}, never used for training.", "",
               "## Training data", "",
-              f"{evidence['training']['records']} training records of {model['dataset']} (licence "
+              f"{evidence['training']['records']} training records of {text(model['dataset'])} (licence "
               f"{text(trained['license']['spdx'])}, consent basis {trained['consent']['basis']}); record ids in "
               "`governance/training_records.csv` on the MLflow run.", "", "## Quantitative analyses", ""]
     for area in ("bias", "shift", "memorization"):
-        lines += [f"### {area}", ""] + checks_table(by_area[area])
+        lines += [f"### {area}", ""] + checks_table(by_area[area]) + evidence_table(by_area[area])
     lines += ["Intersectional groups are included in the bias checks above (ids with `x`).", "",
               "## Ethical considerations", ""]
     lines += [f"- {text(b)}" for b in trained["known_biases"]]
@@ -449,7 +512,7 @@ def model_card(evidence: dict) -> str:
     lines += [f"- {text(x)}" for x in trained["known_limitations"]]
     inconclusive = [c["id"] for c in checks if c["status"] == "inconclusive"]
     if inconclusive:
-        lines.append(f"- Inconclusive checks need more evaluation data: {', '.join(inconclusive)}.")
+        lines.append(f"- Inconclusive checks need more evaluation data: {', '.join(map(code, inconclusive))}.")
     return str(ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
                                        body="\n".join(lines)))
 
@@ -461,6 +524,10 @@ def croissant(card: DataCard, provenance: dict, manifest: Path, folder: Path) ->
 
     import mlcroissant as mlc
 
+    try:
+        digest = sha256_bytes(manifest.read_bytes())
+    except FileNotFoundError:
+        raise PipelineError(f"{manifest}: not found; run `dvc repro ingest@{card.name}`") from None
     columns = ["record_id", "sha256", "license", "consent_status", "consent_basis", "domain"]
     columns += [a.name for a in card.sensitive_attributes] + (["label"] if card.labels else [])
     file_id = "manifest.parquet"
@@ -474,7 +541,7 @@ def croissant(card: DataCard, provenance: dict, manifest: Path, folder: Path) ->
         cite_as=f"{card.name} v{card.version}, {', '.join(card.provenance.creators)}",
         date_published=dt.datetime.combine(timeframe.end, dt.time()),
         distribution=[mlc.FileObject(id=file_id, name=file_id, content_url=os.path.relpath(manifest, folder),
-                                     encoding_formats=["application/x-parquet"], sha256=sha256_bytes(manifest.read_bytes()))],
+                                     encoding_formats=["application/x-parquet"], sha256=digest)],
         record_sets=[mlc.RecordSet(id="records", name="records", fields=fields)],
         data_collection=card.provenance.collection_method,
         data_collection_timeframe=[dt.datetime.combine(timeframe.start, dt.time()),
@@ -557,24 +624,39 @@ def judge(params: Params, gathered: dict, withdrawn: frozenset[str]) -> tuple[li
 
 
 def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: Path | None = None) -> dict:
+    """Written in full into a folder beside `out` (reports/governance) and renamed into place only when all of it
+    succeeded, the MLflow records included: a failed run leaves the previous report as it was."""
+    final = out or inputs.path("reports/governance")
+    partial = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        result = build(params_path, inputs, partial, final)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return result
+
+
+def build(params_path: Path, inputs: Inputs, out: Path, final: Path) -> dict:
+    """The whole report written into `out`, which will be renamed to `final`."""
     params = load_params(params_path)
     settings = params.report
-    out = out or inputs.path("reports/governance")
     gathered = gather(params, inputs)
     withdrawn = load_withdrawals(inputs.path(params.policy.withdrawals_file))
     checks, memorization = judge(params, gathered, withdrawn)
     release = {**decide_release(checks, settings), "checks": checks}
     run, config = gathered["run"], gathered["config"]
     lineage = lineage_of_run(run, gathered["train_path"], inputs.root)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     training = gathered["training_frame"][["record_id", "sha256", "source_sha256"]]
     training.to_csv(out / "training_records.csv", index=False)
     version = register_version(settings.registered_model, run, release["decision"])
     model = {"dataset": gathered["dataset"], "run_id": run["run_id"], "experiment_id": run.get("experiment_id"),
              "model_uri": run.get("model_uri", "—"), "registered_model": settings.registered_model,
              "version": version, "git_commit": lineage["git.commit"], "git_dirty": lineage["git.dirty"],
+             "git_changed_paths": lineage["git.changed_paths"],
              "preset": config["preset"], "mask_ratio": config["mask_ratio"], "architecture": config["model"]}
     evidence = {
         "model": model, "release": release, "confidence": settings.confidence,
@@ -590,18 +672,19 @@ def report(params_path: Path = DEFAULT_PARAMS, inputs: Inputs = Inputs(), out: P
     }
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
+    figures = [name for found in evidence["figures"].values() for name, _ in found]
     (out / "report.html").write_text(report_html(markdown, out, f"Governance report: {gathered['dataset']}",
-                                                 settings.figure_width))
+                                                 settings.figure_width, figures))
     (out / "model_card.md").write_text(model_card(evidence))
     (out / "croissant").mkdir()
     for name, item in gathered["datasets"].items():
         document = croissant(item["card"], item["provenance"], inputs.path(f"data/ingested/{name}/manifest.parquet"),
-                             out / "croissant")
+                             final / "croissant")
         (out / "croissant" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
     result = {"decision": release["decision"], "blocked_by": release["blocked_by"], "areas": release["areas"],
               "policy": release["policy"], "model": model, "data_hashes": lineage["hashes"],
-              "report": {"html": str(out / "report.html"), "markdown": str(out / "report.md"),
-                         "model_card": str(out / "model_card.md")},
+              "report": {"html": str(final / "report.html"), "markdown": str(final / "report.md"),
+                         "model_card": str(final / "model_card.md")},
               "checks": checks}
     (out / "release.json").write_text(json.dumps(result, indent=2, default=jsonable) + "\n")
     log_report(settings.registered_model, version, run, out, result)

@@ -1,22 +1,39 @@
-"""MLflow: where runs go, the lineage tags every model carries, and a quiet terminal.
+"""MLflow: where runs go, whether the server there answers, the lineage tags every model carries, and a quiet
+terminal.
 
 Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db at the repository root (MLflow 3 refuses
 the plain file store). The run a model was trained in is handed to later stages in models/mae/run.json.
+Every stage opens MLflow through connect(), and the command line runs those stages inside reachable(), so
+a tracking server that does not answer ends any of them within seconds with one line naming its URI.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
+from pipeline import PipelineError
+
 RUN_FILE = Path("models/mae/run.json")
+HEALTH_TIMEOUT_S = 5
+# MLflow retries a failed request 7 times with backoff factor 2 and a 120 s timeout (about 4 minutes of
+# retries on a closed port); a few short retries ride out a server restart without hiding a dead server.
+HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# rewritten by every `dvc repro` / `dvc plots show`: the pipeline's own bookkeeping, not a change to the code
+BOOKKEEPING = (":(top,exclude,glob)**/dvc.lock", ":(top,exclude)dvc_plots")
+CHANGED_PATHS_CHARS = 1000
 
 
 def quiet() -> None:
@@ -44,6 +61,80 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def unreachable(uri: str, reason: str) -> PipelineError:
+    return PipelineError(f"MLflow tracking server {uri} is unreachable ({reason}); start it or point "
+                         "MLFLOW_TRACKING_URI at a running one")
+
+
+@functools.cache
+def check_server(uri: str) -> None:
+    """GET <uri>/health once per process. Only a failure to connect means unreachable: a server that answers
+    with an HTTP error or a certificate MLflow may be configured to accept is left to MLflow."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except urllib.error.URLError as exc:
+        if not isinstance(exc.reason, ssl.SSLError):
+            raise unreachable(uri, str(exc.reason)) from None
+    except OSError as exc:  # a timeout, or a connection reset before the answer
+        raise unreachable(uri, first_line(exc)) from None
+
+
+def connect():
+    """The mlflow module pointed at the tracking URI, once the server there answers, with bounded retries."""
+    quiet()
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
+    uri = tracking_uri()
+    check_server(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def lost_connection(exc: BaseException | None) -> bool:
+    """Whether a failure comes from the connection to the server (MLflow wraps requests' errors in its own)."""
+    import requests
+
+    while exc is not None:
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)) \
+                and not isinstance(exc, requests.exceptions.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def mlflow_error(what: str, exc: Exception) -> PipelineError:
+    """One line for a failed MLflow call: "unreachable" when the connection failed, else what failed."""
+    if lost_connection(exc):
+        return unreachable(tracking_uri(), first_line(exc))
+    return PipelineError(f"MLflow at {tracking_uri()}: {what} ({first_line(exc)})")
+
+
+@contextlib.contextmanager
+def reachable():
+    """Around a whole stage: fail before any work when the server does not answer, and read a connection
+    lost later (the server stopped mid-stage) as the same one line."""
+    check_server(tracking_uri())
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as exc:
+        if lost_connection(exc):
+            raise unreachable(tracking_uri(), first_line(exc)) from None
+        raise
+
+
 def md5(path: Path) -> str:
     """The hash DVC records for a file, so a tag can be matched against dvc.lock."""
     digest = hashlib.md5()
@@ -53,20 +144,41 @@ def md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def changed_paths_tag(paths: list[str]) -> str:
+    """The changed paths, comma-separated, cut at a sensible length with how many were left out."""
+    shown: list[str] = []
+    for path in paths:
+        if sum(len(p) + 2 for p in shown) + len(path) > CHANGED_PATHS_CHARS:
+            break
+        shown.append(path)
+    rest = len(paths) - len(shown)
+    return ", ".join(shown) + (f" (+{rest} more)" if rest else "")
+
+
 def git_state() -> dict[str, str]:
+    """The commit, and whether the working tree differs from it, naming the paths that do. Ignored files (DVC
+    outputs among them) and DVC's own bookkeeping do not count, so a pristine checkout that ran the pipeline
+    stays clean; untracked files that are not ignored do, since a new module changes what trains."""
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit or "unknown", "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+    status = git("status", "--porcelain", "-z", "--no-renames", "--", *BOOKKEEPING)
+    if status is None:
+        return {"git.commit": (commit or "unknown").strip(), "git.dirty": "unknown"}
+    paths = sorted(entry[3:] for entry in status.split("\0") if entry)
+    tags = {"git.commit": (commit or "unknown").strip(), "git.dirty": str(bool(paths)).lower()}
+    if paths:
+        tags["git.changed_paths"] = changed_paths_tag(paths)
+    return tags
 
 
 def lineage_tags(inputs: list[Path], provenance_files: list[Path]) -> dict[str, str]:
-    """Git commit and dirty flag, the DVC (md5) hash of every input, and each dataset's card digest."""
+    """Git commit, dirty flag and changed paths, the DVC (md5) hash of every input, and each dataset's card
+    digest."""
     tags = git_state()
     for path in inputs:
         tags[f"dvc.md5.{path.as_posix()}"] = md5(path)
@@ -79,6 +191,32 @@ def lineage_tags(inputs: list[Path], provenance_files: list[Path]) -> dict[str, 
     return tags
 
 
+class StepMetrics:
+    """Log each (metric, step) of a run at most once, so a resumed run does not log again the steps it
+    re-lives after its last checkpoint.
+
+    Why not buffer until a checkpoint is written: logging and checkpointing cannot be made one atomic act,
+    so a kill between the two either loses steps or logs them twice. Asking MLflow on resume which steps it
+    already holds is exact at any kill point: each log_metrics call is one batch, stored whole or not at
+    all, and training is deterministic, so a re-lived step has the very value that was logged before."""
+
+    def __init__(self, mlflow):
+        self.mlflow = mlflow
+        self.logged: set[tuple[str, int]] = set()
+
+    def resume(self, run_id: str) -> None:
+        """Learn every (metric, step) the run already holds."""
+        client = self.mlflow.MlflowClient()
+        for key in client.get_run(run_id).data.metrics:
+            self.logged.update((key, m.step) for m in client.get_metric_history(run_id, key))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        new = {key: value for key, value in values.items() if (key, step) not in self.logged}
+        if new:
+            self.mlflow.log_metrics(new, step=step)
+            self.logged.update((key, step) for key in new)
+
+
 def write_run_file(run, model_uri: str, path: Path = RUN_FILE) -> None:
     """The run and the logged encoder (`models:/<id>`) that the report stage registers."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,24 +227,19 @@ def write_run_file(run, model_uri: str, path: Path = RUN_FILE) -> None:
 @contextlib.contextmanager
 def model_run(run_file: Path = RUN_FILE):
     """Reopen the MLflow run that trained the model, so a later stage logs its evidence beside the model."""
-    from pipeline import PipelineError
-
-    quiet()
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         run_id = json.loads(run_file.read_text())["run_id"]
     except (OSError, ValueError, KeyError) as exc:
         raise PipelineError(f"{run_file}: cannot read the model's MLflow run id ({exc}); run `dvc repro pretrain`") \
             from None
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow = connect()
+    from mlflow.exceptions import MlflowException
+
     try:
         with silenced_stdout():
             mlflow.start_run(run_id=run_id)
     except MlflowException as exc:
-        raise PipelineError(f"{run_file}: MLflow run {run_id} is not in {tracking_uri()} "
-                            f"({str(exc).splitlines()[0]})") from None
+        raise mlflow_error(f"run {run_id} of {run_file} is not there", exc) from None
     try:
         yield mlflow
     finally:

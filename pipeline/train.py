@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -127,6 +128,19 @@ class State:
     run_id: str | None = None
 
 
+def rng_states() -> dict:
+    """The global generators' states as tensors and plain values, so a checkpoint loads with weights_only."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: State,
                     fingerprint: str) -> None:
     """Write atomically, so a kill during the write leaves the previous checkpoint intact."""
@@ -136,24 +150,27 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch": state.epoch, "step": state.step, "history": state.history, "run_id": state.run_id,
         "fingerprint": fingerprint,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": rng_states(),
     }, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> State | None:
-    """Resume from `path` when it belongs to this very configuration and data; otherwise start afresh."""
+    """Resume from `path` when it belongs to this very configuration and data; otherwise start afresh. It is
+    loaded with weights_only, so a planted file can hold only tensors and plain values, never code."""
     if not path.is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        log.warning("ignoring %s: it holds more than tensors and plain values (written by an older version?)", path)
+        return None
     if checkpoint.get("fingerprint") != fingerprint:
         log.info("ignoring %s: it was written for other params or data", path)
         return None
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    random.setstate(checkpoint["rng"]["python"])
+    set_rng_states(checkpoint["rng"])
     log.info("resuming from %s after epoch %d", path, checkpoint["epoch"])
     return State(checkpoint["epoch"], checkpoint["step"], checkpoint["history"], checkpoint["run_id"])
 

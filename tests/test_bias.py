@@ -1,15 +1,18 @@
-"""Bias audit: decisions on per-sample tables of known disparity, small groups, intersections, end to end."""
+"""Bias audit: signed comparisons with a reference group on per-sample tables of known disparity, small
+groups, intersections and their multiple-comparison adjustment, named references, end to end."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.audit import interval_decision, overall_status
-from pipeline.audit.bias import audit, required_group_size
+from pipeline import PipelineError
+from pipeline.audit import overall_status
+from pipeline.audit.bias import audit, check_references, required_group_size
 from pipeline.cards import DataCard, load_card
 from pipeline.params import BiasSettings
 from tests.conftest import ROOT, Workspace
@@ -48,37 +51,45 @@ def status(result: dict, check_id: str) -> str:
     return next(c["status"] for c in result["checks"] if c["id"] == check_id)
 
 
-def test_interval_decisions_fail_only_beyond_and_pass_only_within_the_threshold():
-    assert interval_decision(0.12, 0.30, 0.10) == "fail"
-    assert interval_decision(0.00, 0.08, 0.10) == "pass"
-    assert interval_decision(0.05, 0.15, 0.10) == "inconclusive"
-    assert interval_decision(float("nan"), 0.1, 0.1) == "inconclusive"
+def check_of(result: dict, check_id: str) -> dict:
+    return next(c for c in result["checks"] if c["id"] == check_id)
+
+
+def test_overall_status_is_the_worst():
     assert overall_status(["pass", "inconclusive"]) == "inconclusive" and overall_status(["pass", "fail"]) == "fail"
     assert overall_status([]) == "inconclusive"
 
 
-def test_a_real_gap_fails_the_worse_group_and_names_it():
+def test_a_real_gap_fails_the_worse_group_against_the_best_served_reference():
     samples = table({"group_a": 400, "group_b": 400}, {"group_a": 0.010, "group_b": 0.013},
                     {"group_a": 0.80, "group_b": 0.60}, seed=0)
     result = audit(with_training(samples, {"group_a": 90, "group_b": 10}), card(), SETTINGS)
-    check = next(c for c in result["checks"] if c["id"] == "bias.reconstruction_error.group")
-    assert check["status"] == "fail" and check["worst_group"] == "group_b"
+    check = check_of(result, "bias.reconstruction_error.group=group_b")
+    assert check["status"] == "fail" and check["reference"] == "group_a" and check["group"] == "group_b"
     assert check["interval"][0] > 0.10 and check["interval"][0] < check["value"] < check["interval"][1]
     assert check["value"] == pytest.approx(0.3, abs=0.05)
-    assert status(result, "bias.probe_accuracy.group") == "fail"
+    probe = check_of(result, "bias.probe_accuracy.group=group_b")
+    assert probe["status"] == "fail" and probe["value"] < 0 and probe["interval"][1] < -0.05, "signed: b is worse"
+    assert probe["harmful"] == "lower" and probe["test"] == "equivalence"
     assert status(result, "bias.representation.group") == "fail"
-    groups = result["groupings"]["group"]["metrics"]["reconstruction_error"]["groups"]
-    assert groups["group_a"]["gap_to_best"] == 0 and groups["group_b"]["ratio_to_best"] == pytest.approx(1.3, abs=0.05)
+    assert not any(c["id"].endswith("=group_a") for c in result["checks"]), "the reference is not compared"
+    entry = result["groupings"]["group"]["metrics"]["reconstruction_error"]
+    assert entry["reference"] == "group_a" and entry["reference_reason"] == "best-served group"
+    assert entry["groups"]["group_b"]["vs_reference"] == check["value"]
+    for field in ("confidence", "adjustment", "mc_error", "n_boot", "min_detectable"):
+        assert field in check, field
     assert result["status"] == "fail"
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_equal_groups_raise_no_alarm(seed: int):
+def test_equal_groups_raise_no_alarm_and_their_signed_intervals_reach_zero(seed: int):
     samples = table({"group_a": 300, "group_b": 300}, {"group_a": 0.01, "group_b": 0.01},
                     {"group_a": 0.7, "group_b": 0.7}, seed=seed)
     result = audit(with_training(samples, {"group_a": 50, "group_b": 50}), card(), SETTINGS)
     assert "fail" not in {c["status"] for c in result["checks"]}
-    assert status(result, "bias.reconstruction_error.group") == "pass", "300 per group is enough to show it"
+    error = next(c for c in result["checks"] if c["id"].startswith("bias.reconstruction_error.group="))
+    assert error["status"] == "pass", "300 per group is enough to show it"
+    assert error["interval"][0] < 0 < error["interval"][1], "a signed interval is not pushed away from zero"
 
 
 def test_small_groups_are_withheld_and_get_the_size_that_would_decide():
@@ -89,7 +100,30 @@ def test_small_groups_are_withheld_and_get_the_size_that_would_decide():
     assert report["insufficient_data"] == ["group_b"] and report["counts"]["group_b"] == 12
     for metric in report["metrics"].values():
         assert metric["groups"]["group_b"] == {"count": 12, "status": "insufficient data"}, "no values that single out"
-    assert {c["status"] for c in result["checks"] if c["metric"] != "representation"} == {"inconclusive"}
+    checks = [c for c in result["checks"] if c["metric"] != "representation"]
+    assert {c["status"] for c in checks} == {"inconclusive"} and {c["group"] for c in checks} == {"group_b"}
+    assert all(c["value"] is None and "insufficient data: 12 samples" in c["reason"] for c in checks)
+
+
+def test_a_named_reference_is_compared_with_and_a_better_served_group_is_not_a_harm():
+    samples = table({"group_a": 400, "group_b": 400}, {"group_a": 0.010, "group_b": 0.013},
+                    {"group_a": 0.7, "group_b": 0.7}, seed=3)
+    settings = SETTINGS.model_copy(update={"reference_groups": {"group": "group_b"}})
+    result = audit(samples, card(), settings)
+    check = check_of(result, "bias.reconstruction_error.group=group_a")
+    assert check["reference"] == "group_b" and check["interval"][1] < -0.10, "group_a is far better served"
+    assert check["status"] == "inconclusive" and "neither wholly within" in check["reason"]
+    entry = result["groupings"]["group"]["metrics"]["reconstruction_error"]
+    assert entry["reference_reason"] == "named in audit_bias.reference_groups"
+
+
+def test_a_reference_group_the_card_does_not_know_is_a_one_line_error():
+    with pytest.raises(PipelineError, match=r"^params.yaml: audit_bias.reference_groups.group: 'group_z' is not a "
+                                            r"value of group \(values: group_a, group_b\)$"):
+        check_references(card(), SETTINGS.model_copy(update={"reference_groups": {"group": "group_z"}}),
+                         Path("params.yaml"))
+    with pytest.raises(PipelineError, match="has no sensitive attribute 'age'"):
+        check_references(card(), SETTINGS.model_copy(update={"reference_groups": {"age": "old"}}), Path("params.yaml"))
 
 
 def test_required_group_size_matches_the_normal_approximation():
@@ -99,7 +133,7 @@ def test_required_group_size_matches_the_normal_approximation():
     assert required_group_size(1.0, 0.0, 0.95, 0.8) is None
 
 
-def test_intersections_of_two_attributes_are_audited():
+def test_intersections_of_two_attributes_are_audited_with_the_confidence_adjusted_for_three_comparisons():
     base = card().model_dump()
     base["sensitive_attributes"].append({"name": "age_band", "values": ["young", "old"], "description": "x"})
     two = DataCard.model_validate(base)
@@ -109,8 +143,12 @@ def test_intersections_of_two_attributes_are_audited():
     samples.loc[(samples["group"] == "group_b") & (samples["age_band"] == "old"), "recon_mse"] *= 1.5
     result = audit(samples, two, SETTINGS)
     assert list(result["groupings"]) == ["group", "age_band", "group x age_band"]
-    intersection = next(c for c in result["checks"] if c["id"] == "bias.reconstruction_error.group x age_band")
-    assert intersection["status"] == "fail" and intersection["worst_group"] == "group_b & old"
+    intersection = check_of(result, "bias.reconstruction_error.group x age_band=group_b & old")
+    assert intersection["status"] == "fail" and intersection["reference"] != "group_b & old"
+    assert intersection["adjustment"] == {"method": "bonferroni", "comparisons": 3, "family_confidence": 0.95}
+    assert intersection["confidence"] == pytest.approx(1 - 0.05 / 3)
+    single = next(c for c in result["checks"] if c["id"].startswith("bias.reconstruction_error.group="))
+    assert single["adjustment"]["comparisons"] == 1 and single["confidence"] == 0.95, "two groups: no adjustment"
 
 
 def test_audit_bias_stage_end_to_end(audited: Workspace):

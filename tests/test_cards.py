@@ -10,7 +10,7 @@ from pipeline import PipelineError
 from pipeline.cards import card_problems, load_card
 from tests.conftest import ROOT, run_cli
 
-CARDS = sorted((ROOT / "data_cards").glob("*.yaml"))
+CARDS = sorted((ROOT / "data_cards").glob("*.yaml")) + sorted((ROOT / "data_cards" / "examples").glob("*.yaml"))
 
 
 def shipped(name: str = "synthetic") -> dict:
@@ -104,3 +104,40 @@ def test_load_card_raises_one_line_naming_file_and_field(tmp_path: Path):
         load_card(path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and "consent.basis" in message
+
+
+HOSTILE = "![x](/etc/hostname)"
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda c: c["domains"].update(values=[HOSTILE, "site_north"], held_out=["site_north"]), "domains.values.0"),
+    (lambda c: c["domains"].update(held_out=[HOSTILE]), "domains.held_out.0"),
+    (lambda c: c["sensitive_attributes"][0].update(values=["group_a", "<script>x</script>"]),
+     "sensitive_attributes.0.values.1"),
+    (lambda c: c["sensitive_attributes"][0].update(population_shares={"group_a": 0.5, "$b$": 0.5}),
+     "sensitive_attributes.0.population_shares.$b$.[key]"),
+    (lambda c: c["labels"].update(classes=["circle", "../square"]), "labels.classes.1"),
+    (lambda c: c.update(name="_synthetic_"), "name"),
+])
+def test_identifiers_that_become_check_ids_and_file_names_are_restricted(edit, field):
+    card = copy.deepcopy(shipped())
+    edit(card)
+    assert field in {f for f, _ in card_problems(card)}
+
+
+def test_a_domain_column_needs_its_values_so_validation_can_reject_undeclared_ones():
+    card = copy.deepcopy(shipped())
+    card["domains"] = {"column": "site", "values": [], "held_out": []}
+    assert [f for f, _ in card_problems(card)] == ["domains.values"]
+
+
+def test_card_check_rejects_the_hostile_domains_of_the_issue_one_line_per_field(tmp_path: Path):
+    card = shipped("sklearn_digits")
+    card["domains"] = {"column": "label", "values": [HOSTILE, "sklearn_digits"], "held_out": [HOSTILE]}
+    path = tmp_path / "sklearn_digits.yaml"
+    path.write_text(yaml.safe_dump(card))
+    result = run_cli("card", "check", str(path), cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["domains.values.0", "domains.held_out.0"], lines
+    assert all(line.startswith(f"{path}: ") for line in lines)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline.mae import build
 from pipeline.train import learning_rate, param_groups
@@ -69,25 +70,42 @@ def weights(space: Workspace) -> dict[str, torch.Tensor]:
     return torch.load(space.root / "models" / "mae" / "model.pt")
 
 
-def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared: Path, tmp_path: Path):
+def metric_history(uri: str, key: str) -> list:
+    """`key` of the one run of the pretrain experiment at `uri`, in logging order."""
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mae-pretrain").experiment_id])
+    return client.get_metric_history(run.info.run_id, key)
+
+
+def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run_and_logs_each_step_once(prepared: Path,
+                                                                                                tmp_path: Path):
     straight = training_space(prepared, tmp_path / "straight")
     result = straight.run("pretrain", env=mlflow_env(straight.root))
     assert result.returncode == 0, result.stderr
 
     interrupted = training_space(prepared, tmp_path / "interrupted")
+    uri = mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]
     checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted.root)}
     child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    # kill once steps past the last checkpoint are in MLflow, so the resumed run re-lives logged steps
+    deadline, client, run_id = time.time() + 300, None, None
     while time.time() < deadline and child.poll() is None:
-        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
-            break
-        time.sleep(0.05)
+        if checkpoint.exists():  # the run (and its database) exists before the first checkpoint
+            if client is None:
+                client = MlflowClient(uri)
+                run_id = torch.load(checkpoint, weights_only=True)["run_id"]
+            saved = torch.load(checkpoint, weights_only=True)
+            if saved["epoch"] >= 2 and max(m.step for m in client.get_metric_history(run_id, "train_loss")) \
+                    > saved["step"]:
+                break
+        time.sleep(0.01)
     assert child.poll() is None, "training ended before it could be interrupted"
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
+    assert max(m.step for m in metric_history(uri, "train_loss")) > torch.load(checkpoint, weights_only=True)["step"]
     resumed = interrupted.run("pretrain", env=mlflow_env(interrupted.root))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
@@ -95,15 +113,51 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(prepared:
     a, b = weights(straight), weights(interrupted)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    assert json.loads((straight.root / "metrics" / "pretrain.json").read_text()) == \
-        json.loads((interrupted.root / "metrics" / "pretrain.json").read_text())
-    # one MLflow run per model, even across the kill
-    import mlflow
+    metrics = json.loads((straight.root / "metrics" / "pretrain.json").read_text())
+    assert metrics == json.loads((interrupted.root / "metrics" / "pretrain.json").read_text())
+    # one MLflow run per model, even across the kill, holding each step once with the uninterrupted run's values
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key, steps in (("train_loss", metrics["steps"]), ("lr", metrics["steps"]),
+                       ("val_masked_loss", metrics["epochs"])):
+        history = metric_history(uri, key)
+        assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
+        assert {m.step: m.value for m in history} == \
+            {m.step: m.value for m in metric_history(mlflow_env(straight.root)["MLFLOW_TRACKING_URI"], key)}, key
+    assert [m.step for m in metric_history(uri, "final_val_masked_loss")] == [0]
 
-    runs = mlflow.MlflowClient(mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]).search_runs(
-        [mlflow.MlflowClient(mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]).get_experiment_by_name(
-            "mae-pretrain").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+class Planted:
+    """What a tampered checkpoint could hold: unpickling it runs os.mkdir."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_checkpoint_loads_with_weights_only_and_a_planted_one_is_never_unpickled(tmp_path: Path):
+    import random
+
+    import numpy as np
+
+    from pipeline.train import State, load_checkpoint, save_checkpoint
+
+    model = build("micro", 32, 4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "pretrain.pt"
+    np.random.seed(1), random.seed(1), torch.manual_seed(1)
+    save_checkpoint(path, model, optimizer, State(epoch=1, step=5, run_id="run"), "fingerprint")
+    after_save = (np.random.rand(), random.random(), torch.rand(1).item())
+    assert torch.load(path, weights_only=True)["step"] == 5
+    np.random.seed(2), random.seed(2), torch.manual_seed(2)
+    assert load_checkpoint(path, model, optimizer, "fingerprint") == State(1, 5, [], "run")
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == after_save, "RNG states not restored"
+
+    marker = tmp_path / "code-ran"
+    torch.save({"fingerprint": "fingerprint", "payload": Planted(marker)}, path)
+    assert load_checkpoint(path, model, optimizer, "fingerprint") is None
+    assert not marker.exists()
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared: Path, tmp_path: Path):
@@ -131,7 +185,6 @@ def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
 
 def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Path, tmp_path: Path, monkeypatch):
     import mlflow
-    from mlflow import MlflowClient
 
     space = training_space(prepared, tmp_path)
     result = space.run("pretrain", env=mlflow_env(space.root))

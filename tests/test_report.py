@@ -287,3 +287,44 @@ def test_report_release_and_consent_check_give_one_line_errors_on_a_bare_folder(
     (workspace.root / "data_cards" / "withdrawals.csv").unlink()
     result = workspace.run("consent-check")
     assert result.returncode == 2 and "withdrawals file not found" in result.stderr, result.stderr
+
+
+def _row(markdown: str, first_cell: str) -> list[str]:
+    """The cells of the table row that starts with `first_cell`."""
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+
+
+def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(reported: Workspace, tmp_path: Path):
+    """Every number a reviewer reads (report.md) or README quotes (`pipeline results`) is the one the run wrote."""
+    from pipeline.audit import fmt
+    from pipeline.results import read_run, results_markdown
+
+    release = json.loads((governance(reported) / "release.json").read_text())
+    report_md = (governance(reported) / "report.md").read_text()
+    results = results_markdown(read_run(reported.root), "make run")
+    for c in release["checks"]:
+        cells = _row(report_md, text(c["id"]))
+        assert cells[4:6] == [fmt(c["value"]), fmt(c["interval"])], c["id"]
+        cells = _row(results, f"`{c['id']}`")
+        assert cells[1] == c["status"] and cells[3:5] == [fmt(c["value"]), fmt(c["interval"])], c["id"]
+    evaluation = json.loads((reported.root / "metrics" / "eval.json").read_text())
+    for split, entry in evaluation["reconstruction"].items():
+        cells = _row(results, split)
+        assert cells[1:5] == [str(entry["count"]), fmt(entry["mse"]), fmt(entry["mse_random_init"]),
+                              fmt(entry["mse_patch_mean"])]
+        if split in evaluation["probe"]:
+            probe = evaluation["probe"][split]
+            assert cells[5] == " / ".join(fmt(probe[k], 3) for k in ("mae", "random_init", "raw_pixels"))
+    pretrain = json.loads((reported.root / "metrics" / "pretrain.json").read_text())
+    assert f"held-out masked-patch loss {fmt(pretrain['val_masked_loss'])}" in results
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:default -->\nold numbers\n<!-- /results:default -->\nafter\n")
+    result = reported.run("results", "--readme", str(readme), "--block", "default")
+    assert result.returncode == 0, result.stderr
+    assert readme.read_text() == f"intro\n<!-- results:default -->\n{results}<!-- /results:default -->\nafter\n"
+    result = reported.run("results", "--readme", str(readme), "--block", "balanced")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {readme}: no block <!-- results:balanced --> ... "
+                                     "<!-- /results:balanced --> to replace")

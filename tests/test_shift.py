@@ -1,14 +1,20 @@
-"""Domain-shift audit: corruptions, a calibrated drift test, and the planted held-out site end to end."""
+"""Domain-shift audit: corruptions, a calibrated drift test pinned against NumPy, its power, signed one-sided
+domain checks, and the planted held-out site end to end."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline.audit.shift import CORRUPTIONS, SEVERITIES, corrupt, domain_auc, mmd_test
+from pipeline.audit.shift import CORRUPTIONS, SEVERITIES, corrupt, domain_auc, domain_checks, drift_power, mmd_test
+from pipeline.params import ShiftSettings
 from tests.conftest import Workspace
+
+SETTINGS = ShiftSettings(max_domain_auc=0.75, max_relative_error_increase=0.25, max_accuracy_drop=0.10,
+                         max_relative_mce=3.0, n_boot=200)
 
 
 def textured(channels: int, seed: int = 0) -> np.ndarray:
@@ -52,6 +58,68 @@ def test_drift_test_false_positive_rate_stays_near_alpha_and_it_detects_a_shift(
     assert shifted["p_value"] < alpha
 
 
+def test_mmd_statistic_and_bandwidth_match_a_direct_numpy_computation():
+    """Bandwidth: the median distance between distinct points (no self-distances); kernel exp(-d^2 / bandwidth^2);
+    MMD^2 the biased V-statistic mean(Kxx) + mean(Kyy) - 2 mean(Kxy)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 5)), rng.normal(0.3, 1.2, size=(30, 5))
+    z = np.concatenate([x, y])
+    distances = np.sqrt(((z[:, None, :] - z[None, :, :]) ** 2).sum(-1))
+    bandwidth = np.median(distances[~np.eye(len(z), dtype=bool)])
+    kernel = np.exp(-distances ** 2 / bandwidth ** 2)
+    expected = kernel[:40, :40].mean() + kernel[40:, 40:].mean() - 2 * kernel[:40, 40:].mean()
+    result = mmd_test(x, y, permutations=100, seed=0)
+    assert result["bandwidth"] == pytest.approx(bandwidth, rel=1e-12)
+    assert result["mmd2"] == pytest.approx(expected, rel=1e-10)
+    with_self = np.median(distances)  # what the median would be with the zero self-distances in it
+    assert with_self < bandwidth
+
+
+def test_permutations_double_while_the_p_value_is_within_its_mc_error_of_alpha():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(50, 4)), rng.normal(0.2, 1, size=(50, 4))
+    first = mmd_test(x, y, permutations=200, seed=0)
+    assert first["permutations"] == 200 and first["mc_error"] > 0
+    far = mmd_test(x, y, permutations=200, seed=0, alpha=min(first["p_value"] + 0.5, 0.99), max_permutations=800)
+    assert far["permutations"] == 200, "clear of alpha: no more permutations"
+    near = mmd_test(x, y, permutations=200, seed=0, alpha=first["p_value"], max_permutations=800)
+    assert near["permutations"] == 800 and abs(near["p_value"] - first["p_value"]) <= near["mc_error"]
+
+
+def test_drift_power_grows_with_the_share_of_shifted_images_mixed_in():
+    rng = np.random.default_rng(5)
+    reference, same, shifted = rng.normal(size=(300, 6)), rng.normal(size=(300, 6)), rng.normal(1.5, 1, (300, 6))
+    settings = SETTINGS.model_copy(update={"power_shares": [0.05, 0.3, 0.6], "power_trials": 20,
+                                           "power_permutations": 50})
+    power = drift_power(reference, same, shifted, 80, 80, settings, seed=0)
+    curve = [point["power"] for point in power["curve"]]
+    assert curve[0] < 0.5 and curve[-1] == 1.0 and curve == sorted(curve), curve
+    assert power["detectable_share"] in (0.3, 0.6) and power["n_sample"] == 80 and power["trials"] == 20
+    scarce = drift_power(reference, same, shifted[:10], 80, 80, settings, seed=0)
+    assert scarce["curve"][-1]["power"] is None, "more shifted images than exist are not invented"
+
+
+def domain_table(error: float, accuracy: float, n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    unseen = pd.DataFrame({"split": "test", "domain": "site_a", "recon_mse": rng.gamma(4, 0.01 / 4, n),
+                           "probe_correct": (rng.random(n) < 0.7).astype(float)})
+    held = pd.DataFrame({"split": "heldout", "domain": "site_x", "recon_mse": rng.gamma(4, error / 4, n),
+                         "probe_correct": (rng.random(n) < accuracy).astype(float)})
+    return pd.concat([unseen, held], ignore_index=True)
+
+
+def test_domain_checks_are_signed_and_one_sided():
+    easier = {c["id"]: c for c in domain_checks(domain_table(0.007, 0.72), ["site_x"], SETTINGS)[1]}
+    assert easier["shift.error.site_x"]["value"] < -0.2 and easier["shift.error.site_x"]["status"] == "pass", \
+        "a domain served better is no harm"
+    assert easier["shift.accuracy.site_x"]["status"] == "pass" and easier["shift.accuracy.site_x"]["test"] == \
+        "non-inferiority"
+    harder = {c["id"]: c for c in domain_checks(domain_table(0.016, 0.45), ["site_x"], SETTINGS)[1]}
+    assert harder["shift.error.site_x"]["status"] == "fail" and harder["shift.error.site_x"]["interval"][0] > 0.25
+    assert harder["shift.accuracy.site_x"]["status"] == "fail" and harder["shift.accuracy.site_x"]["value"] < -0.1
+    assert harder["shift.error.site_x"]["reference"] == "in-distribution (val, test)"
+
+
 def test_domain_classifier_auc_is_chance_on_one_distribution_and_high_on_two():
     rng = np.random.default_rng(0)
     same = domain_auc(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)), folds=5, seed=0)
@@ -65,6 +133,13 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     checks = {c["id"]: c for c in report["checks"]}
     assert checks["shift.drift.site_east"]["status"] == "fail", checks["shift.drift.site_east"]
     assert checks["shift.drift.in_distribution"]["status"] == "pass", checks["shift.drift.in_distribution"]
+    control = checks["shift.drift.in_distribution"]
+    assert 0 <= control["p_value"] <= 1 and control["mc_error"] > 0 and control["permutations"] >= 200
+    assert [point["share"] for point in control["power"]["curve"]] == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert control["min_detectable"]["value"] == control["power"]["detectable_share"]
+    assert "p_value" in checks["shift.drift.site_east"] and "power" not in checks["shift.drift.site_east"]
+    for name in ("shift.error.site_east", "shift.accuracy.site_east"):
+        assert {"reference", "confidence", "adjustment", "mc_error", "n_boot", "min_detectable"} <= set(checks[name])
     assert report["drift"]["site_east"]["auc"] > report["drift"]["in_distribution (control)"]["auc"]
     assert {"shift.error.site_east", "shift.accuracy.site_east", "shift.corruptions"} <= set(checks)
     curves = report["corruptions"]["curves"]

@@ -1,29 +1,20 @@
 """Audits of the evaluated model (bias, domain shift): each check ends pass, fail or inconclusive.
 
-A check compares a confidence interval with a threshold a reviewer accepts: it fails only when the whole
-interval lies beyond the threshold, passes only when the whole interval lies within it, and is
-inconclusive when the interval straddles it (more data would decide). So an alarm means the evidence
-is there, and a pass means the data was enough to show it.
+A check compares the confidence interval of a signed difference against a stated reference with a tolerance a
+reviewer accepts: it fails only when the whole interval lies beyond the tolerance in the harmful direction,
+passes only when the whole interval lies within it, and is inconclusive otherwise (more data would decide),
+or when a bound lies within its Monte-Carlo error of the tolerance (the resampling seed would decide). So an
+alarm means the evidence is there, and a pass means the data was enough to show it. The statistics live in
+pipeline.audit.stats.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import re
 from pathlib import Path
 
 STATUSES = ("pass", "inconclusive", "fail")
-
-
-def interval_decision(low: float, high: float, threshold: float) -> str:
-    """`low`..`high` bound a harm statistic (larger is worse); `threshold` is the largest acceptable value."""
-    if any(math.isnan(v) for v in (low, high)):
-        return "inconclusive"
-    if low > threshold:
-        return "fail"
-    if high <= threshold:
-        return "pass"
-    return "inconclusive"
 
 
 def overall_status(statuses: list[str]) -> str:
@@ -40,6 +31,20 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>!|~&#])")
+
+
+def text(value) -> str:
+    """A card or metadata value as inert Markdown: one line, every character that could start markup escaped,
+    so a value cannot inject HTML, script, links or images into a report, or split a table cell."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def drawn(value) -> str:
+    """A card or metadata value as matplotlib draws it, literally: paired `$` would otherwise start mathtext."""
+    return str(value).replace("$", r"\$")
 
 
 def write_report(folder: Path, name: str, result: dict, markdown: str, run_file: Path | None) -> None:
