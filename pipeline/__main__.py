@@ -60,8 +60,8 @@ def _validate(args: argparse.Namespace) -> int:
     for line in failures:
         print(f"critical: {line}", file=sys.stderr)
     log.info("validation %s: %d critical, %d warning expectations failed; Data Docs: reports/validation/index.html",
-             "passed" if summary["passed"] else "FAILED", summary["failed_critical"], summary["failed_warning"])
-    return 0 if summary["passed"] else 1
+             "passed" if summary.passed else "FAILED", summary.failed_critical, summary.failed_warning)
+    return 0 if summary.passed else 1
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -89,7 +89,7 @@ def _audit_bias(args: argparse.Namespace) -> int:
     from pipeline.audit.bias import audit_bias
 
     result = audit_bias(params_path=args.params, cards_dir=args.cards)
-    log.info("bias audit: %s; report: reports/bias/bias.md", result["status"].upper())
+    log.info("bias audit: %s; report: reports/bias/bias.md", result.status.upper())
     return 0
 
 
@@ -97,35 +97,34 @@ def _audit_shift(args: argparse.Namespace) -> int:
     from pipeline.audit.shift import audit_shift
 
     result = audit_shift(params_path=args.params, cards_dir=args.cards)
-    log.info("domain-shift audit: %s; report: reports/shift/shift.md", result["status"].upper())
+    log.info("domain-shift audit: %s; report: reports/shift/shift.md", result.status.upper())
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipeline.report import Inputs, report
+    from pipeline.report.stage import report
 
-    result = report(params_path=args.params, inputs=Inputs(cards_dir=args.cards))
-    model = result["model"]
-    log.info("release decision: %s (%d blocking checks); %s version %s; report: %s", result["decision"].upper(),
-             len(result["blocked_by"]), model["registered_model"], model["version"], result["report"]["html"])
+    result = report(params_path=args.params, cards_dir=args.cards)
+    log.info("release decision: %s (%d blocking checks); %s version %s; report: %s", result.decision.upper(),
+             len(result.blocked_by), result.model.registered_model, result.model.version, result.report.html)
     return 0
 
 
 def _release(args: argparse.Namespace) -> int:
-    from pipeline.paths import GOVERNANCE_REPORT
+    from pipeline.artifacts import Layout
     from pipeline.registry import release_gate
-    from pipeline.tracking import RUN_FILE
 
-    approved, lines = release_gate(args.release_file, RUN_FILE)
+    layout = Layout()
+    approved, lines = release_gate(args.release_file or layout.release_file, layout.run_file)
     for line in lines:
         print(line)
-    print(f"release decision: {'APPROVED' if approved else 'BLOCKED'}; report: {GOVERNANCE_REPORT / 'report.html'}")
+    print(f"release decision: {'APPROVED' if approved else 'BLOCKED'}; report: {layout.governance / 'report.html'}")
     return 0 if approved else 1
 
 
 def _consent_check(args: argparse.Namespace) -> int:
-    from pipeline.ingest import load_withdrawals
     from pipeline.params import load_params
+    from pipeline.policy import load_withdrawals
     from pipeline.registry import consent_check
 
     params = load_params(args.params)
@@ -227,10 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
           "Reconstruct every image of every split of the model's dataset on masks fixed by evaluate.seed "
           "(hidden-pixel MSE and PSNR, against a randomly initialised model of the same architecture and a "
           "patch-mean predictor); where the card has labels, fit a linear probe and a kNN classifier on frozen "
-          "train features and score them on val / test / heldout, against random-init and raw-pixel features; "
-          "compare training against unseen images (memorization). Writes data/eval/ (samples.parquet, "
-          "embeddings.npz), metrics/eval.json, reconstruction grids per group and domain in reports/eval/, and "
-          "logs them to the model's MLflow run.", _evaluate)
+          "train features and score them on val / test / heldout, against random-init and raw-pixel features. "
+          "Writes data/eval/ (samples.parquet: one row per image, what the audits read, memorization in the report "
+          "included; embeddings.npz), metrics/eval.json, reconstruction grids per group and domain in reports/eval/, "
+          "and logs them to the model's MLflow run.", _evaluate)
     stage("audit-bias", "audit per-group and intersectional disparities (DVC stage audit_bias)",
           "With fairlearn's MetricFrame, compare reconstruction error and probe / kNN accuracy across the card's "
           "sensitive groups and their intersections on unseen images, with bootstrap intervals; decide each check "
@@ -240,11 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage("audit-shift", "audit held-out domains, corruptions and embedding drift (DVC stage audit_shift)",
           "Compare each held-out domain of the card with unseen in-distribution images (reconstruction error, probe "
           "accuracy, bootstrap intervals); run six corruptions at five severities (degradation curves, mean "
-          "corruption error); test embedding drift against the training images (MMD permutation test, domain-"
-          "classifier AUC), with unseen in-distribution images as the control; draw reconstructions at several mask "
-          "ratios with their errors. Decides each check against the thresholds under `audit_shift:`, writes "
-          "reports/shift/ (shift.json, shift.md, figures) and logs it to the model's MLflow run. Exit status 0 "
-          "whatever the findings.", _audit_shift)
+          "corruption error, with a bootstrap interval); test embedding drift against the training images (MMD "
+          "permutation test, domain-classifier AUC), with unseen in-distribution images as the control; draw "
+          "reconstructions at several mask ratios with their errors. Decides each check against the thresholds "
+          "under `audit_shift:`, writes reports/shift/ (shift.json, shift.md, figures) and logs it to the model's "
+          "MLflow run. Exit status 0 whatever the findings.", _audit_shift)
     stage("report", "write the governance report and register the model (DVC stage report)",
           "Answer each governance question (provenance, consent, validation, training, evaluation, bias, domain shift, "
           "memorization, overtrust, intended use) with the evidence the earlier stages wrote, and decide the release: "
@@ -259,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read reports/governance/release.json, print every check that blocks the release (one per line) "
         "and the decision. Exit 0 only when the decision is approved and the report was written for the current "
         "model (models/mae/run.json); otherwise 1. For a CI/CD release job.")
-    release.add_argument("--release-file", type=Path, default=Path("reports/governance/release.json"),
+    release.add_argument("--release-file", type=Path,
                          help="release decision to check (default: reports/governance/release.json)")
     release.set_defaults(handler=_release)
     stage("consent-check", "list registered model versions trained on withdrawn records",

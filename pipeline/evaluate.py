@@ -5,12 +5,12 @@ or two runs compare on the same masks; baselines are a randomly initialised mode
 architecture and predicting each hidden patch's own mean. Representations (where the card has labels):
 a linear probe (standardised features, as BatchNorm without affine does, then an L2-regularised
 logistic regression) and kNN top-1 (k neighbours, cosine), each fitted on the train split's frozen
-features, for the MAE encoder and the same baselines plus raw pixels. Memorization: the error on the
-training images against unseen images of the same domains, overall and per sensitive group.
+features, for the MAE encoder and the same baselines plus raw pixels. The per-sample errors are what the
+audits read: bias and shift, and memorization (training against unseen images), which the report measures.
 
 Writes data/eval/samples.parquet (one row per record of every split: the audits' input) and
-embeddings.npz (the row-aligned features), metrics/eval.json, and reconstruction grids per group and per
-domain in reports/eval/; logs all of it to the model's MLflow run.
+embeddings.npz (the row-aligned features), metrics/eval.json (`contracts.EvalMetrics`), and reconstruction
+grids per group and per domain in reports/eval/; logs all of it to the model's MLflow run.
 """
 
 from __future__ import annotations
@@ -18,52 +18,32 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import PipelineError
-from pipeline.audit import drawn
+from pipeline.artifacts import Layout, write_json
 from pipeline.cards import DataCard, card_path, load_card
+from pipeline.contracts import ClassifierScores, EvalMetrics, ModelConfig
 from pipeline.mae import MAEEncoder, MaskedAutoencoderViT
+from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, EvaluateSettings, load_params
-from pipeline.paths import EVAL, EVAL_METRICS, EVAL_REPORT, MODEL_DIR, PREPARED
 from pipeline.reconstruction import masking_noise, psnr, reconstruct, reconstruction_figure
+from pipeline.render import drawn, save_figure
 from pipeline.tracking import model_run
-from pipeline.train import to_tensor
+from pipeline.trained import Split, load_splits, load_trained
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test", "heldout")
-UNSEEN = ("val", "test")  # images of the training domains the model never saw
 FEATURES = ("mae", "random_init", "raw_pixels")
 
 
-@dataclass
-class Split:
-    name: str
-    records: pd.DataFrame
-    images: torch.Tensor  # normalised [N, C, H, W]
-
-
-def load_model(model_dir: Path) -> tuple[MaskedAutoencoderViT, dict]:
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-        state = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: not found; run `dvc repro pretrain` first") from None
-    model = MaskedAutoencoderViT(**config["model"])
-    model.load_state_dict(state)
-    return model.eval(), config
-
-
-def random_model(config: dict, seed: int) -> MaskedAutoencoderViT:
+def random_model(config: ModelConfig, seed: int) -> MaskedAutoencoderViT:
     """The same architecture, initialised as pretraining starts but never trained."""
     torch.manual_seed(seed)
-    return MaskedAutoencoderViT(**config["model"]).eval()
+    return MaskedAutoencoderViT(**config.model).eval()
 
 
 @torch.no_grad()
@@ -89,25 +69,6 @@ def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(np.asarray(predicted) == np.asarray(truth))) if len(truth) else float("nan")
-
-
-def memorization(samples: pd.DataFrame, attributes: list[str]) -> dict:
-    """Hidden-pixel MSE on training images against unseen in-domain images: a gap well above 0 means the
-    model reconstructs what it saw better than what it did not (a privacy signal)."""
-
-    def compare(part: pd.DataFrame) -> dict:
-        seen = part.loc[part["split"] == "train", "recon_mse"]
-        unseen = part.loc[part["split"].isin(UNSEEN), "recon_mse"]
-        entry = {"train_count": int(len(seen)), "unseen_count": int(len(unseen))}
-        if len(seen) and len(unseen):
-            entry.update(train_mse=float(seen.mean()), unseen_mse=float(unseen.mean()),
-                         gap=float(unseen.mean() - seen.mean()), ratio=float(unseen.mean() / seen.mean()))
-        return entry
-
-    result = compare(samples)
-    result["by_group"] = {attr: {str(value): compare(part) for value, part in samples.groupby(attr)}
-                          for attr in attributes}
-    return result
 
 
 def labelled(card: DataCard, train: pd.DataFrame) -> str | None:
@@ -154,11 +115,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
-def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: list[str], mean, std,
+def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: list[str], normalisation: Normalisation,
           settings: EvaluateSettings, mask_ratio: float, folder: Path) -> list[Path]:
     """Original / masked / reconstruction of unseen images, one figure per sensitive group and per domain."""
-    import matplotlib.pyplot as plt
-
     unseen = [s for name, s in splits.items() if name != "train" and len(s.records)]
     records = pd.concat([s.records.assign(from_split=s.name, row=np.arange(len(s.records))) for s in unseen])
     images = {s.name: s.images for s in unseen}
@@ -171,58 +130,38 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
         chosen = part.sort_values("record_id").head(settings.figure_images)
         batch = torch.stack([images[item.from_split][item.row] for item in chosen.itertuples()])
         noise = masking_noise(len(batch), model.patch_embed.num_patches, settings.seed)
-        figure = reconstruction_figure(model, batch, noise, mean, std, mask_ratio, title)
-        path = folder / f"{name}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
+        figure = reconstruction_figure(model, batch, noise, normalisation, mask_ratio, title)
+        written.append(save_figure(figure, folder / f"{name}.png"))
     return written
 
 
-def load_splits(folder: Path, mean, std) -> dict[str, Split]:
-    splits = {}
-    for name in SPLITS:
-        try:
-            records = pd.read_parquet(folder / f"{name}.parquet")
-            pixels = np.load(folder / f"{name}.npy")
-        except FileNotFoundError as exc:
-            raise PipelineError(f"{exc.filename}: not found; run `dvc repro prepare` first") from None
-        if len(records):
-            splits[name] = Split(name, records.reset_index(drop=True), to_tensor(pixels, mean, std))
-    if "train" not in splits:
-        raise PipelineError(f"{folder}/train.parquet: the train split is empty")
-    return splits
-
-
-def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), prepared: Path = PREPARED,
-             model_dir: Path = MODEL_DIR, out: Path = EVAL, metrics_file: Path = EVAL_METRICS,
-             report_dir: Path = EVAL_REPORT, log_to_mlflow: bool = True) -> dict:
+def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), layout: Layout = Layout(),
+             log_to_mlflow: bool = True) -> EvalMetrics:
     params = load_params(params_path)
     settings = params.evaluate
     torch.set_num_threads(settings.threads)
-    model, config = load_model(model_dir)
-    dataset = config["dataset"]
+    trained = load_trained(layout)
+    model, dataset, normalisation = trained.model, trained.dataset, trained.normalisation
     card = load_card(card_path(dataset, cards_dir))
     attributes = [attr.name for attr in card.sensitive_attributes]
-    mean, std = np.asarray(config["normalisation"]["mean"]), np.asarray(config["normalisation"]["std"])
     mask_ratio = settings.mask_ratio
-    splits = load_splits(prepared / dataset, mean, std)
-    baseline_model = random_model(config, settings.seed)
+    splits = load_splits(layout, dataset, normalisation)
+    baseline_model = random_model(trained.config, settings.seed)
 
     tables, features = [], {kind: {} for kind in FEATURES}
     reconstruction = {}
     for offset, (name, split) in enumerate(splits.items()):
         noise = masking_noise(len(split.images), model.patch_embed.num_patches, settings.seed + offset)
-        trained = reconstruct(model, split.images, noise, mask_ratio, mean, std, batch_size=settings.batch_size)
-        untrained = reconstruct(baseline_model, split.images, noise, mask_ratio, mean, std,
+        ours = reconstruct(model, split.images, noise, mask_ratio, normalisation, batch_size=settings.batch_size)
+        untrained = reconstruct(baseline_model, split.images, noise, mask_ratio, normalisation,
                                 batch_size=settings.batch_size)
-        patch_mean = reconstruct(model, split.images, noise, mask_ratio, mean, std, patch_mean=True,
+        patch_mean = reconstruct(model, split.images, noise, mask_ratio, normalisation, patch_mean=True,
                                  batch_size=settings.batch_size)
         table = split.records[["record_id", "dataset", "domain", *attributes, "label"]].copy()
         table.insert(2, "split", name)
-        table["recon_mse"] = trained.mse.numpy().astype(np.float64)
+        table["recon_mse"] = ours.mse.numpy().astype(np.float64)
         table["psnr"] = psnr(table["recon_mse"].to_numpy())
-        table["masked_loss"] = trained.loss.numpy().astype(np.float64)
+        table["masked_loss"] = ours.loss.numpy().astype(np.float64)
         table["recon_mse_random_init"] = untrained.mse.numpy().astype(np.float64)
         table["recon_mse_patch_mean"] = patch_mean.mse.numpy().astype(np.float64)
         tables.append(table)
@@ -240,7 +179,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     missing = labelled(card, splits["train"].records)
     if missing:
-        scores = {"probe": {"available": False, "reason": missing}, "knn": {"available": False, "reason": missing}}
+        scores = {method: {"available": False, "reason": missing} for method in ("probe", "knn")}
         for table in tables:
             table["probe_pred"] = table["knn_pred"] = None
             table["probe_correct"] = table["knn_correct"] = np.nan
@@ -257,26 +196,28 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))
-    metrics = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": settings.pool,
-               "reconstruction": reconstruction, **scores, "memorization": memorization(samples, attributes)}
-    metrics = json.loads(json.dumps(metrics, default=float), parse_float=lambda v: round(float(v), 6))
+    raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": settings.pool,
+           "reconstruction": reconstruction, **scores}
+    # rounded, so the DVC metrics do not change with the last bits of a float sum
+    metrics = EvalMetrics.model_validate(json.loads(json.dumps(raw, default=float),
+                                                    parse_float=lambda v: round(float(v), 6)))
 
-    out.mkdir(parents=True, exist_ok=True)
-    samples.to_parquet(out / "samples.parquet", index=False)
-    np.savez(out / "embeddings.npz", record_id=samples["record_id"].to_numpy(dtype=str),
+    layout.eval.mkdir(parents=True, exist_ok=True)
+    samples.to_parquet(layout.samples_file, index=False)
+    np.savez(layout.embeddings_file, record_id=samples["record_id"].to_numpy(dtype=str),
              split=samples["split"].to_numpy(dtype=str),
              **{kind: np.concatenate([features[kind][name] for name in splits]).astype(np.float32)
                 for kind in ("mae", "random_init")})
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    report_dir.mkdir(parents=True, exist_ok=True)
-    figures = grids(model, splits, attributes, mean, std, settings, mask_ratio, report_dir)
+    layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(layout.eval_metrics_file, metrics)
+    layout.eval_figures.mkdir(parents=True, exist_ok=True)
+    figures = grids(model, splits, attributes, normalisation, settings, mask_ratio, layout.eval_figures)
     _summarise(metrics)
     if log_to_mlflow:
-        with model_run(model_dir / "run.json") as mlflow:
-            mlflow.log_metrics(flat_metrics(metrics, "eval"))
-            mlflow.log_artifact(str(metrics_file), "eval")
-            mlflow.log_artifact(str(out / "samples.parquet"), "eval")
+        with model_run(layout.run_file) as mlflow:
+            mlflow.log_metrics(flat_metrics(metrics.model_dump(mode="json"), "eval"))
+            mlflow.log_artifact(str(layout.eval_metrics_file), "eval")
+            mlflow.log_artifact(str(layout.samples_file), "eval")
             for path in figures:
                 mlflow.log_artifact(str(path), "eval/figures")
     return metrics
@@ -294,18 +235,14 @@ def flat_metrics(tree: dict, prefix: str) -> dict[str, float]:
     return flat
 
 
-def _summarise(metrics: dict) -> None:
-    test = metrics["reconstruction"].get("test") or next(iter(metrics["reconstruction"].values()))
-    log.info("reconstruction (test): MSE %.4f, PSNR %.2f dB", test["mse"], test["psnr"])
+def _summarise(metrics: EvalMetrics) -> None:
+    test = metrics.reconstruction.get("test") or next(iter(metrics.reconstruction.values()))
+    log.info("reconstruction (test): MSE %.4f, PSNR %.2f dB", test.mse, test.psnr)
     for method in ("probe", "knn"):
-        entry = metrics[method]
-        if not entry["available"]:
-            log.info("%s: skipped (%s)", method, entry["reason"])
+        entry: ClassifierScores = getattr(metrics, method)
+        if not entry.available:
+            log.info("%s: skipped (%s)", method, entry.reason)
             continue
-        test = entry.get("test") or {}
+        test = entry.test or {}
         log.info("%s top-1 (test): MAE %.3f, random init %.3f, raw pixels %.3f", method, test.get("mae", float("nan")),
                  test.get("random_init", float("nan")), test.get("raw_pixels", float("nan")))
-    memo = metrics["memorization"]
-    if "gap" in memo:
-        log.info("memorization: train MSE %.4f, unseen %.4f (gap %+.4f)", memo["train_mse"], memo["unseen_mse"],
-                 memo["gap"])

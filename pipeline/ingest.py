@@ -8,7 +8,6 @@ folder and moved into place only when the whole dataset succeeded: no partial ou
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
 import json
@@ -28,9 +27,10 @@ from tqdm import tqdm
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_digest, card_path, load_card
+from pipeline.contracts import Provenance
 from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
-from pipeline.paths import INGESTED
-from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, record_license
+from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, write_json
+from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, load_withdrawals, record_license
 from pipeline.sources import source_records
 from pipeline.sources.records import SourceRecord, pixels_sha256
 
@@ -77,20 +77,6 @@ QUARANTINE_SCHEMA = pa.schema([
 def manifest_schema(card: DataCard) -> pa.Schema:
     attributes = [(attr.name, pa.string()) for attr in card.sensitive_attributes]
     return pa.schema(MANIFEST_FIELDS + attributes + PIXEL_FIELDS)
-
-
-def load_withdrawals(path: Path) -> frozenset[str]:
-    """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.DictReader(row for row in handle if not row.startswith("#"))
-            if reader.fieldnames is None or "id" not in reader.fieldnames:
-                raise PipelineError(f"{path}: header: needs an 'id' column (record id or sha256)")
-            return frozenset(row["id"].strip() for row in reader if row["id"] and row["id"].strip())
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: withdrawals file not found (policy.withdrawals_file)") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot parse ({exc})") from None
 
 
 def pseudonym(dataset: str, raw: object, salt: str) -> str | None:
@@ -152,7 +138,7 @@ class _Shards:
 
     @property
     def current(self) -> str:
-        return f"pixels/shard-{self.written:05d}.npy"
+        return f"{self.folder.name}/shard-{self.written:05d}.npy"
 
     def add(self, pixels: np.ndarray) -> tuple[str, int]:
         where = (self.current, self.filled)
@@ -254,7 +240,7 @@ def code_version() -> dict:
 
 
 def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"),
-           out_root: Path = INGESTED) -> Counts:
+           layout: Layout = Layout()) -> Counts:
     params = load_params(params_path)
     settings = dataset_settings(params, dataset, params_path)
     card_file = card_path(dataset, cards_dir)
@@ -267,13 +253,13 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     salt = os.environ.get(SALT_ENV) or params.ingest.pseudonym_salt
 
-    out = out_root / dataset
-    tmp = out_root / f".{dataset}.partial"
+    out = layout.ingested(dataset)
+    tmp = out.with_name(f".{dataset}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         counts, planted, source_sha256 = _write(card, settings, params, withdrawn, salt, tmp)
-        provenance = {
+        provenance = Provenance.model_validate({
             "dataset": dataset,
             "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
             "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
@@ -287,12 +273,12 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
             "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
                        "by_reason": dict(sorted(counts.reasons.items()))},
             "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
-        }
+        })
         if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
             raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
-        (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        write_json(tmp / PROVENANCE, provenance)
         if planted:  # what the source planted on purpose, so tests and audits can check it is caught
-            (tmp / "planted.json").write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
+            (tmp / PLANTED).write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     except BaseException:
@@ -302,7 +288,7 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
 
 
 def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], salt: str, tmp: Path):
-    shards = _Shards(tmp / "pixels", (settings.image_size, settings.image_size, settings.channels),
+    shards = _Shards(tmp / PIXELS, (settings.image_size, settings.image_size, settings.channels),
                      params.ingest.shard_size)
     manifest_schema_ = manifest_schema(card)
     counts = Counts()
@@ -310,8 +296,8 @@ def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], 
     seen_images: set[str] = set()
     planted: dict[str, str] = {}
     source_digest = hashlib.sha256()
-    with pq.ParquetWriter(tmp / "manifest.parquet", manifest_schema_) as manifest_writer, \
-            pq.ParquetWriter(tmp / "quarantine.parquet", QUARANTINE_SCHEMA) as quarantine_writer:
+    with pq.ParquetWriter(tmp / MANIFEST, manifest_schema_) as manifest_writer, \
+            pq.ParquetWriter(tmp / QUARANTINE, QUARANTINE_SCHEMA) as quarantine_writer:
         manifest = _Rows(manifest_writer, manifest_schema_)
         quarantine = _Rows(quarantine_writer, QUARANTINE_SCHEMA)
         total = getattr(settings, "num_images", None)

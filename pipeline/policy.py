@@ -1,13 +1,17 @@
-"""Consent and licence rules: pure functions, record facts in, decision and reason out.
+"""Consent and licence rules: pure functions, record facts in, decision and reason out; and the withdrawals file
+they read (`load_withdrawals`), which ingest, validate, the report and consent-check all apply.
 
 Fail closed: a record is accepted only when the policy can establish that using it is allowed.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
+from pipeline import PipelineError
 from pipeline.cards import DataCard
 from pipeline.params import Policy
 
@@ -105,6 +109,20 @@ def license_allowed(expression: str, allowed: frozenset[str]) -> tuple[bool, str
     if ok(parsed):
         return True, ""
     return False, f"licence {expression!r} is not in policy.allowed_licenses"
+
+
+def load_withdrawals(path: Path) -> frozenset[str]:
+    """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(row for row in handle if not row.startswith("#"))
+            if reader.fieldnames is None or "id" not in reader.fieldnames:
+                raise PipelineError(f"{path}: header: needs an 'id' column (record id or sha256)")
+            return frozenset(row["id"].strip() for row in reader if row["id"] and row["id"].strip())
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: withdrawals file not found (policy.withdrawals_file)") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: cannot parse ({exc})") from None
 
 
 def withdrawal_match(facts: RecordFacts, withdrawn: frozenset[str]) -> str | None:

@@ -31,12 +31,10 @@ from scipy.stats import binom
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.params import DEFAULT_PARAMS, PrepareSettings, load_params
-from pipeline.paths import INGESTED, PREPARED, VALIDATION_REPORT
+from pipeline.artifacts import SPLITS, Layout, read_table
 
 log = logging.getLogger(__name__)
 
-VALIDATION_SUMMARY = VALIDATION_REPORT / "summary.json"
-SPLITS = ("train", "val", "test", "heldout")
 STRATUM_CONFIDENCE = 0.999  # the stated stratification tolerance (see the module docstring)
 
 
@@ -109,17 +107,14 @@ def _warn_outside_tolerance(dataset: str, shares: pd.DataFrame) -> None:
                     100 * row["share"], 100 * STRATUM_CONFIDENCE, row["low"], row["high"], 100 * row["target"])
 
 
-def _require_validation(summary_path: Path, datasets: list[str]) -> None:
-    try:
-        summary = json.loads(summary_path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{summary_path}: not found; run `dvc repro validate` first") from None
-    if not summary.get("passed"):
-        raise PipelineError(f"{summary_path}: validation failed ({summary.get('failed_critical')} critical); "
+def _require_validation(layout: Layout, datasets: list[str]) -> None:
+    summary = layout.validation_summary()
+    if not summary.passed:
+        raise PipelineError(f"{layout.validation_file}: validation failed ({summary.failed_critical} critical); "
                             "fix the data and re-run validate before preparing splits")
-    missing = sorted(set(datasets) - set(summary.get("datasets", {})))
+    missing = sorted(set(datasets) - set(summary.datasets))
     if missing:
-        raise PipelineError(f"{summary_path}: datasets {missing} were not validated; re-run validate")
+        raise PipelineError(f"{layout.validation_file}: datasets {missing} were not validated; re-run validate")
 
 
 def _write_pixels(assigned: pd.DataFrame, ingested: Path, target: Path, image_shape: tuple[int, int, int]) -> None:
@@ -133,16 +128,16 @@ def _write_pixels(assigned: pd.DataFrame, ingested: Path, target: Path, image_sh
     del out
 
 
-def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), ingested: Path = INGESTED,
-            summary_path: Path = VALIDATION_SUMMARY, out_dir: Path = PREPARED) -> dict:
+def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"),
+            layout: Layout = Layout()) -> dict:
     params = load_params(params_path)
     names = list(params.datasets)
-    _require_validation(summary_path, names)
+    _require_validation(layout, names)
     assigned: dict[str, pd.DataFrame] = {}
     cards: dict[str, DataCard] = {}
     for name in names:
         cards[name] = load_card(card_path(name, cards_dir))
-        manifest = pd.read_parquet(ingested / name / "manifest.parquet")
+        manifest = read_table(layout.manifest(name))
         assigned[name] = manifest.assign(split=assign_splits(manifest, cards[name], params.prepare))
         _warn_outside_tolerance(name, stratum_shares(assigned[name], cards[name], params.prepare))
     combined = pd.concat([frame[["dataset", "record_id", "sha256", "split"]] for frame in assigned.values()])
@@ -151,19 +146,18 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
         examples = ", ".join(f"{r.dataset}/{r.record_id} in {r.split}" for r in leaked.head(6).itertuples())
         raise PipelineError(f"leakage: {leaked['sha256'].nunique()} images appear in more than one split ({examples})")
 
-    shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.rmtree(layout.prepared(), ignore_errors=True)
     sizes = {}
     for name, frame in assigned.items():
-        folder = out_dir / name
-        folder.mkdir(parents=True)
+        layout.prepared(name).mkdir(parents=True)
         settings = params.datasets[name]
         image_shape = (settings.image_size, settings.image_size, settings.channels)
         for split in SPLITS:
             part = frame[frame["split"] == split].sort_values("record_id").reset_index(drop=True)
-            _write_pixels(part, ingested / name, folder / f"{split}.npy", image_shape)
-            part.assign(split_index=np.arange(len(part), dtype=np.int32)).to_parquet(folder / f"{split}.parquet",
-                                                                                      index=False)
+            _write_pixels(part, layout.ingested(name), layout.split_pixels(name, split), image_shape)
+            part.assign(split_index=np.arange(len(part), dtype=np.int32)).to_parquet(
+                layout.split_records(name, split), index=False)
         sizes[name] = split_sizes(frame, cards[name])
         log.info("%s: %s", name, ", ".join(f"{s} {sizes[name][s]['total']}" for s in SPLITS))
-    (out_dir / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+    (layout.prepared() / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     return sizes

@@ -8,7 +8,6 @@ runs, and a checkpoint is used only when it was written for the same params, dat
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import random
 from pathlib import Path
@@ -17,18 +16,17 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
+from pipeline.artifacts import Layout, write_json
+from pipeline.contracts import ModelConfig, PretrainMetrics
 from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
+from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, PretrainSettings, load_params
-from pipeline.paths import INGESTED, MODEL_DIR, PREPARED
 from pipeline.reconstruction import masking_noise, reconstruction_figure
 from pipeline.tracking import StepMetrics, connect, lineage_tags, md5, quiet, silenced_stdout, write_run_file
-from pipeline.train import State, channel_stats, fingerprint, init_world, masked_losses, to_tensor, train
+from pipeline.train import State, fingerprint, init_world, masked_losses, train
+from pipeline.trained import load_split
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = Path("models/checkpoints/pretrain.pt")
-METRICS = Path("metrics/pretrain.json")
-LOSS_CURVE = Path("metrics/pretrain_loss.csv")
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -36,14 +34,6 @@ def seed_everything(seed: int, threads: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     torch.set_num_threads(threads)
-
-
-def load_split(folder: Path, split: str) -> np.ndarray:
-    path = folder / f"{split}.npy"
-    try:
-        return np.load(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found; run `dvc repro prepare` first") from None
 
 
 def _start_run(mlflow, settings: PretrainSettings, state: State, params_flat: dict, tags: dict, datasets: list):
@@ -59,9 +49,7 @@ def _start_run(mlflow, settings: PretrainSettings, state: State, params_flat: di
     return run
 
 
-def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, ingested: Path = INGESTED,
-             model_dir: Path = MODEL_DIR, checkpoint: Path = CHECKPOINT, metrics_file: Path = METRICS,
-             curve_file: Path = LOSS_CURVE) -> dict | None:
+def pretrain(params_path: Path = DEFAULT_PARAMS, layout: Layout = Layout()) -> PretrainMetrics | None:
     quiet()
     params = load_params(params_path)
     settings = params.pretrain
@@ -72,16 +60,17 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
                             f"datasets.{settings.dataset}.image_size {params.datasets[settings.dataset].image_size}")
     world = init_world()
     seed_everything(settings.seed, settings.threads)
-    folder = prepared / settings.dataset
-    train_pixels, val_pixels = load_split(folder, "train"), load_split(folder, "val")
-    mean, std = channel_stats(train_pixels)
-    train_images, val_images = to_tensor(train_pixels, mean, std), to_tensor(val_pixels, mean, std)
+    train_pixels = load_split(layout, settings.dataset, "train", records=False).pixels
+    normalisation = Normalisation.fit(train_pixels)
+    train_images = normalisation.normalise(train_pixels)
+    val_images = load_split(layout, settings.dataset, "val", normalisation, records=False).images
     model_args = dict(img_size=train_pixels.shape[1], patch_size=settings.patch_size, in_chans=train_pixels.shape[3],
                       norm_pix_loss=settings.norm_pix_loss, **PRESETS[settings.preset])
     device = "cuda" if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()) \
         else "cpu"
     model = MaskedAutoencoderViT(**model_args).to(device)
-    inputs = [folder / "train.npy", folder / "train.parquet", folder / "val.npy"]
+    inputs = [layout.split_pixels(settings.dataset, "train"), layout.split_records(settings.dataset, "train"),
+              layout.split_pixels(settings.dataset, "val")]
     run_fingerprint = fingerprint(settings, model_args, md5(inputs[0]), world.size)
 
     mlflow = connect() if world.main else None
@@ -92,7 +81,7 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
             return
         import pandas as pd
 
-        records = pd.read_parquet(folder / "train.parquet")
+        records = pd.read_parquet(inputs[1])
         datasets = [
             (mlflow.data.from_numpy(train_pixels, source=str(inputs[0].resolve()), name=f"{settings.dataset}-train",
                                     digest=md5(inputs[0])[:8]), "training"),
@@ -100,7 +89,7 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
                                      name=f"{settings.dataset}-train-manifest", digest=md5(inputs[1])[:8]),
              "training"),
         ]
-        tags = lineage_tags(inputs, [ingested / settings.dataset / "provenance.json"])
+        tags = lineage_tags(inputs, [layout.provenance(settings.dataset)])
         params_flat = {**settings.model_dump(mode="json"), **{f"model.{k}": v for k, v in model_args.items()},
                        "world_size": world.size, "train_images": len(train_pixels)}
         resumed = state.run_id is not None
@@ -119,30 +108,29 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, prepared: Path = PREPARED, inge
         step_log.log({"epoch_train_loss": state.history[-1]["train_loss"], "val_masked_loss": val_loss,
                       "images_per_second": state.history[-1]["images_per_second"]}, state.epoch)
 
-    state = train(model, train_images, settings, checkpoint, run_fingerprint, world, on_start, on_step, on_epoch)
+    state = train(model, train_images, settings, layout.checkpoint, run_fingerprint, world, on_start, on_step,
+                  on_epoch)
     if not world.main:
         return None
-    return _finish(mlflow, step_log, model, model_args, settings, state, val_images, mean, std, model_dir,
-                   metrics_file, curve_file, train_pixels, inputs)
+    return _finish(mlflow, step_log, model, model_args, settings, state, val_images, normalisation, layout, inputs)
 
 
-def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, val_images, mean, std, model_dir,
-            metrics_file, curve_file, train_pixels, inputs) -> dict:
+def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, val_images,
+            normalisation: Normalisation, layout: Layout, inputs) -> PretrainMetrics:
     val_loss, baseline = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
-    metrics = {"val_masked_loss": round(val_loss, 6), "val_patch_mean_baseline": round(baseline, 6),
-               "improvement_over_baseline": round(1 - val_loss / baseline, 6),
-               "final_train_loss": round(state.history[-1]["train_loss"], 6), "epochs": state.epoch,
-               "steps": state.step}
-    model_dir.mkdir(parents=True, exist_ok=True)
+    metrics = PretrainMetrics(val_masked_loss=round(val_loss, 6), val_patch_mean_baseline=round(baseline, 6),
+                              improvement_over_baseline=round(1 - val_loss / baseline, 6),
+                              final_train_loss=round(state.history[-1]["train_loss"], 6), epochs=state.epoch,
+                              steps=state.step)
+    layout.model.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
-    torch.save(model.state_dict(), model_dir / "model.pt")
-    config = {"model": model_args, "preset": settings.preset, "mask_ratio": settings.mask_ratio,
-              "normalisation": {"mean": mean.tolist(), "std": std.tolist()}, "dataset": settings.dataset,
-              "train_md5": md5(inputs[0]), "run_id": state.run_id}
-    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    with curve_file.open("w", newline="") as handle:
+    torch.save(model.state_dict(), layout.weights_file)
+    write_json(layout.config_file, ModelConfig(model=model_args, preset=settings.preset, mask_ratio=settings.mask_ratio,
+                                               normalisation=normalisation.stats(), dataset=settings.dataset,
+                                               train_md5=md5(inputs[0]), run_id=state.run_id))
+    layout.pretrain_metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(layout.pretrain_metrics_file, metrics)
+    with layout.loss_curve.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss"])
         writer.writeheader()
         for row in state.history:
@@ -151,8 +139,8 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, v
 
     shown = val_images[:settings.figure_images]
     figure = reconstruction_figure(model, shown, masking_noise(len(shown), model.patch_embed.num_patches, settings.seed),
-                                   mean, std, settings.mask_ratio, "validation images")
-    figure.savefig(model_dir / "reconstructions.png", dpi=120)
+                                   normalisation, settings.mask_ratio, "validation images")
+    figure.savefig(layout.reconstructions_figure, dpi=120)
     encoder = MAEEncoder(model).eval()
     example = val_images[:2]
     with torch.no_grad():
@@ -160,17 +148,17 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, v
     from mlflow.models import infer_signature
 
     with silenced_stdout():
-        step_log.log({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in metrics.items()}, 0)
+        step_log.log({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in dict(metrics).items()}, 0)
         mlflow.log_figure(figure, "figures/reconstructions.png")
-        mlflow.log_artifact(str(model_dir / "config.json"))
-        mlflow.log_artifact(str(curve_file))
+        mlflow.log_artifact(str(layout.config_file))
+        mlflow.log_artifact(str(layout.loss_curve))
         logged = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
                                  signature=infer_signature(example.numpy(), output.numpy()),
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
                                  code_paths=[str(Path(__file__).parent)])
         run = mlflow.active_run()
-        write_run_file(run, logged.model_uri, model_dir / "run.json")
+        write_run_file(run, logged.model_uri, layout.run_file)
         mlflow.end_run()
     log.info("val masked-patch loss %.4f against the per-patch-mean baseline %.4f (%.0f%% lower); MLflow run %s",
-             val_loss, baseline, 100 * metrics["improvement_over_baseline"], state.run_id)
+             val_loss, baseline, 100 * metrics.improvement_over_baseline, state.run_id)
     return metrics

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.mae import MaskedAutoencoderViT
+from pipeline.normalisation import Normalisation
+from pipeline.render import pyplot
 
 
 @dataclass
@@ -33,15 +35,9 @@ def psnr(mse: np.ndarray | float) -> np.ndarray | float:
     return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
-def to_pixels(images: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """Normalised [N, C, H, W] back to [0, 1]."""
-    shape = (1, -1, 1, 1)
-    return images * torch.as_tensor(std, dtype=images.dtype).view(shape) + torch.as_tensor(mean, dtype=images.dtype).view(shape)
-
-
 @torch.no_grad()
 def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.Tensor, mask_ratio: float,
-                mean: np.ndarray, std: np.ndarray, patch_mean: bool = False, batch_size: int = 256,
+                normalisation: Normalisation, patch_mean: bool = False, batch_size: int = 256,
                 reference: torch.Tensor | None = None) -> Reconstruction:
     """Reconstruct on the masks `noise` decides; `patch_mean` replaces the model by each patch's own mean.
     The pixel error is against `reference` where given (the clean originals of corrupted inputs), else the input."""
@@ -61,29 +57,25 @@ def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.
         hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.patch_size**2 * model.in_chans))
         pasted = batch * (1 - hidden) + model.unpatchify(pred) * hidden
         truth = batch if reference is None else reference[start:start + batch_size].to(device)
-        error = (to_pixels(pasted, mean, std).clamp(0, 1) - to_pixels(truth, mean, std).clamp(0, 1)) ** 2
+        error = (normalisation.denormalise(pasted).clamp(0, 1) - normalisation.denormalise(truth).clamp(0, 1)) ** 2
         mse = (error * hidden).sum(dim=(1, 2, 3)) / hidden.sum(dim=(1, 2, 3))
         parts.append((pasted.cpu(), hidden.cpu(), loss.cpu(), mse.cpu()))
     return Reconstruction(*(torch.cat(column) for column in zip(*parts)))
 
 
-def reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.Tensor, mean: np.ndarray,
-                          std: np.ndarray, mask_ratio: float, title: str):
+def reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.Tensor,
+                          normalisation: Normalisation, mask_ratio: float, title: str):
     """Rows of original / masked / reconstruction, each column labelled with its pixel MSE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    result = reconstruct(model, images, noise, mask_ratio, mean, std)
+    plt = pyplot()
+    result = reconstruct(model, images, noise, mask_ratio, normalisation)
 
     def show(x: torch.Tensor) -> np.ndarray:
-        return to_pixels(x.unsqueeze(0), mean, std)[0].clamp(0, 1).permute(1, 2, 0).numpy().squeeze()
+        return normalisation.denormalise(x.unsqueeze(0))[0].clamp(0, 1).permute(1, 2, 0).numpy().squeeze()
 
     columns = len(images)
     figure, axes = plt.subplots(3, columns, figsize=(1.4 * columns, 4.9), squeeze=False)
     cmap = "gray" if model.in_chans == 1 else None
-    grey = torch.as_tensor((0.5 - mean) / std, dtype=images.dtype).view(-1, 1, 1)
+    grey = normalisation.grey(images)
     for i in range(columns):
         panels = (images[i], images[i] * (1 - result.hidden[i]) + grey * result.hidden[i], result.pasted[i])
         for row, panel in enumerate(panels):

@@ -8,7 +8,6 @@ accepts.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -16,7 +15,9 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import PipelineError
-from pipeline.audit import fmt
+from pipeline.artifacts import read_json
+from pipeline.contracts import Release, RunRecord
+from pipeline.render import fmt
 from pipeline.tracking import connect, lost_connection, md5, mlflow_error, silenced_stdout
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,15 @@ def _client():
     return connect().MlflowClient()
 
 
-def lineage_of_run(run: dict, train_path: Path, root: Path) -> dict:
+def lineage_of_run(run: RunRecord, train_path: Path, root: Path) -> dict:
     """The run's git state (commit, dirty flag, changed paths) and data hashes, after checking that the training
     manifest on disk is the one the run trained on (so the record ids logged with the model are the right ones)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = _client().get_run(run["run_id"]).data.tags
+        tags = _client().get_run(run.run_id).data.tags
     except MlflowException as exc:
-        raise mlflow_error(f"run {run['run_id']} of models/mae/run.json is not there", exc) from None
+        raise mlflow_error(f"run {run.run_id} of models/mae/run.json is not there", exc) from None
     key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
     if key in tags and tags[key] != md5(train_path):
         raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
@@ -48,15 +49,15 @@ def lineage_of_run(run: dict, train_path: Path, root: Path) -> dict:
             "git.changed_paths": tags.get("git.changed_paths", ""), "hashes": hashes}
 
 
-def register_version(name: str, run: dict, decision: str) -> str:
+def register_version(name: str, run: RunRecord, decision: str) -> str:
     """The registered version of this run's encoder: created once, found again when the report re-runs."""
     from mlflow.exceptions import MlflowException
 
-    if not run.get("model_uri"):
+    if not run.model_uri:
         raise PipelineError("models/mae/run.json: no model_uri (written by an older pretrain); run `dvc repro pretrain`")
     client = _client()
     try:
-        existing = client.search_model_versions(f"name='{name}' and run_id='{run['run_id']}'")
+        existing = client.search_model_versions(f"name='{name}' and run_id='{run.run_id}'")
         if existing:
             return str(max(int(v.version) for v in existing))
         try:
@@ -64,41 +65,41 @@ def register_version(name: str, run: dict, decision: str) -> str:
         except MlflowException:
             client.create_registered_model(name, description="MAE ViT encoders with their governance evidence: "
                                                              "report, release decision and training record ids.")
-        version = client.create_model_version(name, source=run["model_uri"], run_id=run["run_id"],
+        version = client.create_model_version(name, source=run.model_uri, run_id=run.run_id,
                                               tags={"release.decision": decision},
-                                              model_id=run["model_uri"].removeprefix("models:/"))
+                                              model_id=run.model_uri.removeprefix("models:/"))
     except MlflowException as exc:
         raise mlflow_error(f"cannot register {name}", exc) from None
-    log.info("registered %s version %s (run %s)", name, version.version, run["run_id"])
+    log.info("registered %s version %s (run %s)", name, version.version, run.run_id)
     return str(version.version)
 
 
-def log_report(name: str, version: str, run: dict, folder: Path, release: dict) -> None:
+def log_report(name: str, version: str, run: RunRecord, folder: Path, release: Release) -> None:
     """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases.
     `release` is what the report wrote to release.json."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
-    statuses = {f"release.area.{area}": entry["status"] for area, entry in release["areas"].items()}
+    statuses = {f"release.area.{area}": entry.status for area, entry in release.areas.items()}
     try:
-        model_id = run["model_uri"].removeprefix("models:/")
+        model_id = run.model_uri.removeprefix("models:/")
         with silenced_stdout():
-            client.log_artifacts(run["run_id"], str(folder), "governance")
+            client.log_artifacts(run.run_id, str(folder), "governance")
             # inside the logged model too, so downloading models:/<name>@<alias> brings its report along
             client.log_model_artifacts(model_id, str(folder), "governance")
-        client.set_tag(run["run_id"], "release.decision", release["decision"])
-        client.set_logged_model_tags(model_id, {"release.decision": release["decision"]})
-        tags = {"release.decision": release["decision"], "release.blocked_by": ", ".join(release["blocked_by"])[:5000],
+        client.set_tag(run.run_id, "release.decision", release.decision)
+        client.set_logged_model_tags(model_id, {"release.decision": release.decision})
+        tags = {"release.decision": release.decision, "release.blocked_by": ", ".join(release.blocked_by)[:5000],
                 "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
-        tags.update({f"data.{k}": v for k, v in release["data_hashes"].items()})
-        tags["git.commit"] = release["model"]["git_commit"]
+        tags.update({f"data.{k}": v for k, v in release.data_hashes.items()})
+        tags["git.commit"] = release.model.git_commit
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        client.update_model_version(name, version, description=f"Release {release['decision']}: "
-                                    f"{len(release['blocked_by'])} blocking checks. Governance report: run "
-                                    f"{run['run_id']}, artifacts governance/report.html")
+        client.update_model_version(name, version, description=f"Release {release.decision}: "
+                                    f"{len(release.blocked_by)} blocking checks. Governance report: run "
+                                    f"{run.run_id}, artifacts governance/report.html")
         client.set_registered_model_alias(name, "candidate", version)
-        if release["decision"] == "approved":
+        if release.decision == "approved":
             client.set_registered_model_alias(name, "approved", version)
         elif _alias_version(client, name, "approved") == version:
             client.delete_registered_model_alias(name, "approved")
@@ -119,24 +120,19 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 
 def release_gate(release_file: Path, run_file: Path) -> tuple[bool, list[str]]:
     """(approved, lines to print). Refuses a report written for another model than the current one."""
-    try:
-        release = json.loads(release_file.read_text())
-        current = json.loads(run_file.read_text())["run_id"]
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: not found; run `dvc repro` to write the governance report") from None
-    except (ValueError, KeyError) as exc:
-        raise PipelineError(f"{release_file}: cannot read the release decision ({exc})") from None
-    if release["model"]["run_id"] != current:
-        return False, [f"stale: {release_file} was written for run {release['model']['run_id']}, the current model "
+    release = read_json(release_file, Release)
+    current = read_json(run_file, RunRecord).run_id
+    if release.model.run_id != current:
+        return False, [f"stale: {release_file} was written for run {release.model.run_id}, the current model "
                        f"is run {current}; run `dvc repro`"]
-    checks = {c["id"]: c for c in release["checks"]}
+    checks = {c.id: c for c in release.checks}
     lines = []
-    for check_id in release["blocked_by"]:
+    for check_id in release.blocked_by:
         c = checks[check_id]
-        interval = f" interval {fmt(c['interval'])}" if c.get("interval") else ""
-        lines.append(f"{check_id}: {c['status']} ({c['statistic']} {fmt(c['value'])}{interval}, threshold "
-                     f"{c['threshold']}; {c['detail']})")
-    return release["decision"] == "approved", lines
+        interval = f" interval {fmt(c.interval)}" if c.interval else ""
+        lines.append(f"{check_id}: {c.status} ({c.statistic} {fmt(c.value)}{interval}, threshold {c.threshold}; "
+                     f"{c.detail})")
+    return release.decision == "approved", lines
 
 
 # ---------------------------------------------------------------- consent withdrawal

@@ -1,71 +1,60 @@
 """A run's results as Markdown, so that every number README.md quotes is one a run wrote, not one typed.
 
 Reads only what the stages wrote in a run folder (metrics/pretrain.json, metrics/eval.json,
-reports/governance/release.json) and renders the headline numbers: pretraining against its baseline,
-reconstruction / probe / kNN per split against the baselines, and every release check with its value,
-interval and threshold, as `release.json` states them. `python -m pipeline results --readme README.md
+reports/governance/release.json, through their typed loaders) and renders the headline numbers: pretraining
+against its baseline, reconstruction / probe / kNN per split against the baselines, and every release check with
+its value, interval and threshold, as `release.json` states them. `python -m pipeline results --readme README.md
 --block default` replaces README's block between `<!-- results:default -->` and `<!-- /results:default -->`.
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import PipelineError
-from pipeline.audit import fmt
-
-SOURCES = {"pretrain": Path("metrics/pretrain.json"), "evaluation": Path("metrics/eval.json"),
-           "release": Path("reports/governance/release.json")}
-
-
-def read_run(root: Path) -> dict:
-    """The run's result files by name; a missing one names the stage to run."""
-    found = {}
-    for name, relative in SOURCES.items():
-        path = root / relative
-        try:
-            found[name] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: not found; run `dvc repro` in {root} first") from None
-        except ValueError as exc:
-            raise PipelineError(f"{path}: not valid JSON ({exc})") from None
-    return found
+from pipeline.artifacts import Layout
+from pipeline.contracts import EvalMetrics, PretrainMetrics, Release
+from pipeline.render import code, fmt, table
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|")
+@dataclass(frozen=True)
+class Run:
+    pretrain: PretrainMetrics
+    evaluation: EvalMetrics
+    release: Release
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows] + [""]
+def read_run(root: Path) -> Run:
+    """The run's result files; a missing one names the stage to run."""
+    layout = Layout(root)
+    return Run(layout.pretrain_metrics(), layout.eval_metrics(), layout.release())
 
 
-def results_markdown(run: dict, command: str) -> str:
-    pretrain, evaluation, release = run["pretrain"], run["evaluation"], run["release"]
-    lines = [f"Produced by `{command}`; model run `{release['model']['run_id']}`, git commit "
-             f"`{release['model']['git_commit'][:12]}`.", "",
-             f"Pretraining: {pretrain['epochs']} epochs, {pretrain['steps']} steps; held-out masked-patch loss "
-             f"{fmt(pretrain['val_masked_loss'])} against {fmt(pretrain['val_patch_mean_baseline'])} for predicting "
-             f"each patch's own mean ({pretrain['improvement_over_baseline']:.1%} lower).", ""]
+def results_markdown(run: Run, command: str) -> str:
+    pretrain, evaluation, release = run.pretrain, run.evaluation, run.release
+    lines = [f"Produced by `{command}`; model run `{release.model.run_id}`, git commit "
+             f"`{release.model.git_commit[:12]}`.", "",
+             f"Pretraining: {pretrain.epochs} epochs, {pretrain.steps} steps; held-out masked-patch loss "
+             f"{fmt(pretrain.val_masked_loss)} against {fmt(pretrain.val_patch_mean_baseline)} for predicting "
+             f"each patch's own mean ({pretrain.improvement_over_baseline:.1%} lower).", ""]
     rows = []
-    for split, entry in evaluation["reconstruction"].items():
-        row = [split, entry["count"], fmt(entry["mse"]), fmt(entry["mse_random_init"]), fmt(entry["mse_patch_mean"])]
-        for method in ("probe", "knn"):
-            scores = evaluation[method].get(split) if evaluation[method].get("available") else None
-            row += [" / ".join(fmt(scores[k], 3) for k in ("mae", "random_init", "raw_pixels")) if scores else "—"]
+    for split, entry in evaluation.reconstruction.items():
+        row = [split, entry.count, fmt(entry.mse), fmt(entry.mse_random_init), fmt(entry.mse_patch_mean)]
+        for method in (evaluation.probe, evaluation.knn):
+            scores = method.splits().get(split) if method.available else None
+            row += [" / ".join(fmt(scores.get(k), 3) for k in ("mae", "random_init", "raw_pixels"))
+                    if scores else "—"]
         rows.append(row)
-    lines += _table(["split", "images", "hidden-pixel MSE", "random init", "patch mean",
-                     "probe top-1 (MAE / random init / raw pixels)",
-                     f"kNN top-1, k = {evaluation['knn'].get('k', '—')} (MAE / random init / raw pixels)"], rows)
-    lines += [f"Release decision: **{release['decision']}**"
-              + (f", blocked by {', '.join(f'`{c}`' for c in release['blocked_by'])}." if release["blocked_by"]
-                 else "."), ""]
-    lines += _table(["check", "status", "blocking", "value", "interval", "threshold"],
-                    [[f"`{c['id']}`", c["status"], "yes" if c.get("blocking", True) else "advisory", fmt(c["value"]),
-                      fmt(c.get("interval")), fmt(c.get("threshold"))] for c in release["checks"]])
+    lines += table(["split", "images", "hidden-pixel MSE", "random init", "patch mean",
+                    "probe top-1 (MAE / random init / raw pixels)",
+                    f"kNN top-1, k = {fmt(evaluation.knn.k)} (MAE / random init / raw pixels)"], rows)
+    lines += [f"Release decision: **{release.decision}**"
+              + (f", blocked by {', '.join(code(c) for c in release.blocked_by)}." if release.blocked_by else "."), ""]
+    lines += table(["check", "status", "blocking", "value", "interval", "threshold"],
+                   [[code(c.id), c.status, "advisory" if c.blocking is False else "yes", fmt(c.value),
+                     fmt(c.interval), fmt(c.threshold)] for c in release.checks])
     return "\n".join(lines).rstrip() + "\n"
 
 

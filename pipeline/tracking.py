@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import logging
 import os
 import ssl
@@ -24,8 +23,9 @@ import warnings
 from pathlib import Path
 
 from pipeline import PipelineError
+from pipeline.artifacts import read_json, write_json
+from pipeline.contracts import Provenance, RunRecord
 
-RUN_FILE = Path("models/mae/run.json")
 HEALTH_TIMEOUT_S = 5
 # MLflow retries a failed request 7 times with backoff factor 2 and a 120 s timeout (about 4 minutes of
 # retries on a closed port); a few short retries ride out a server restart without hiding a dead server.
@@ -176,18 +176,17 @@ def git_state() -> dict[str, str]:
     return tags
 
 
-def lineage_tags(inputs: list[Path], provenance_files: list[Path]) -> dict[str, str]:
+def lineage_tags(inputs: list[Path], provenances: list[Provenance]) -> dict[str, str]:
     """Git commit, dirty flag and changed paths, the DVC (md5) hash of every input, and each dataset's card
     digest."""
     tags = git_state()
     for path in inputs:
         tags[f"dvc.md5.{path.as_posix()}"] = md5(path)
-    for path in provenance_files:
-        provenance = json.loads(path.read_text())
-        name = provenance["dataset"]
-        tags[f"data.{name}.card_sha256"] = provenance["card"]["sha256"]
-        tags[f"data.{name}.source_sha256"] = provenance["source"]["sha256"]
-        tags[f"data.{name}.accepted"] = str(provenance["counts"]["accepted"])
+    for provenance in provenances:
+        name = provenance.dataset
+        tags[f"data.{name}.card_sha256"] = provenance.card.sha256
+        tags[f"data.{name}.source_sha256"] = provenance.source.sha256
+        tags[f"data.{name}.accepted"] = str(provenance.counts.accepted)
     return tags
 
 
@@ -217,21 +216,17 @@ class StepMetrics:
             self.logged.update((key, step) for key in new)
 
 
-def write_run_file(run, model_uri: str, path: Path = RUN_FILE) -> None:
+def write_run_file(run, model_uri: str, path: Path) -> None:
     """The run and the logged encoder (`models:/<id>`) that the report stage registers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                                "model_uri": model_uri, "tracking_uri": tracking_uri()}, indent=2) + "\n")
+    write_json(path, RunRecord(run_id=run.info.run_id, experiment_id=run.info.experiment_id, model_uri=model_uri,
+                               tracking_uri=tracking_uri()))
 
 
 @contextlib.contextmanager
-def model_run(run_file: Path = RUN_FILE):
+def model_run(run_file: Path):
     """Reopen the MLflow run that trained the model, so a later stage logs its evidence beside the model."""
-    try:
-        run_id = json.loads(run_file.read_text())["run_id"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise PipelineError(f"{run_file}: cannot read the model's MLflow run id ({exc}); run `dvc repro pretrain`") \
-            from None
+    run_id = read_json(run_file, RunRecord).run_id
     mlflow = connect()
     from mlflow.exceptions import MlflowException
 

@@ -62,17 +62,6 @@ def init_world() -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def to_tensor(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> normalised float [N, C, H, W]."""
-    images = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
-    return (images - torch.tensor(mean).view(1, -1, 1, 1).float()) / torch.tensor(std).view(1, -1, 1, 1).float()
-
-
-def channel_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    values = pixels.reshape(-1, pixels.shape[-1]).astype(np.float64) / 255.0
-    return values.mean(axis=0), np.maximum(values.std(axis=0), 1e-3)
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay only weight matrices: biases, norms, tokens and position embeddings are left alone."""
     decay, no_decay = [], []
@@ -176,9 +165,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def fingerprint(settings: PretrainSettings, model_args: dict, data_digest: str, world_size: int) -> str:
-    """What a checkpoint must match to be resumed: params, model, data, world size, and the code that trains."""
+    """What a checkpoint must match to be resumed: params, model, data, world size, and the code that trains (the
+    loop, the model and the normalisation of its input)."""
     code = hashlib.sha256()
-    for module in (Path(__file__), Path(__file__).with_name("mae.py")):
+    for module in (Path(__file__), Path(__file__).with_name("mae.py"), Path(__file__).with_name("normalisation.py")):
         code.update(module.read_bytes())
     payload = json.dumps({"settings": settings.model_dump(mode="json"), "model": model_args, "data": data_digest,
                           "world_size": world_size, "code": code.hexdigest()}, sort_keys=True)

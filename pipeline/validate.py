@@ -12,7 +12,6 @@ expectation that raised inside GX counts as failed, never as passed.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 import shutil
@@ -23,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import PipelineError
+from pipeline.artifacts import Layout, read_table, write_json
 from pipeline.cards import CONSENT_BASES, DataCard, card_digest, card_path, load_card, spdx_problem
-from pipeline.ingest import load_withdrawals
+from pipeline.contracts import DatasetValidation, ExpectationOutcome, Provenance, ValidationSummary
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
-from pipeline.paths import INGESTED, VALIDATION_REPORT
-from pipeline.policy import card_decision, license_allowed
+from pipeline.policy import card_decision, license_allowed, load_withdrawals
 
 log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # GX logs its own import at INFO
@@ -74,8 +72,8 @@ def pixel_stats(manifest: pd.DataFrame, folder: Path) -> pd.DataFrame:
     return manifest.assign(pixel_mean=means, pixel_std=stds)
 
 
-def dataset_table(card: DataCard, provenance: dict, card_file: Path) -> pd.DataFrame:
-    counts = provenance["counts"]
+def dataset_table(card: DataCard, provenance: Provenance, card_file: Path) -> pd.DataFrame:
+    counts = provenance.counts
     return pd.DataFrame([{
         "dataset": card.name,
         "card_license_spdx": card.license.spdx,
@@ -85,12 +83,12 @@ def dataset_table(card: DataCard, provenance: dict, card_file: Path) -> pd.DataF
         "card_withdrawal": card.consent.withdrawal.strip() or None,
         "card_creators": "; ".join(card.provenance.creators) or None,
         "card_collection_method": card.provenance.collection_method.strip() or None,
-        "card_sha256_matches": provenance["card"]["sha256"] == card_digest(card_file),
-        "read": counts["read"],
-        "accepted": counts["accepted"],
-        "quarantined": counts["quarantined"],
-        "counts_add_up": counts["read"] == counts["accepted"] + counts["quarantined"],
-        "quarantined_fraction": counts["quarantined"] / counts["read"] if counts["read"] else 1.0,
+        "card_sha256_matches": provenance.card.sha256 == card_digest(card_file),
+        "read": counts.read,
+        "accepted": counts.accepted,
+        "quarantined": counts.quarantined,
+        "counts_add_up": counts.read == counts.accepted + counts.quarantined,
+        "quarantined_fraction": counts.quarantined / counts.read if counts.read else 1.0,
     }])
 
 
@@ -302,39 +300,36 @@ def run_checks(tables: dict[tuple[str, str], pd.DataFrame], checks: dict[str, li
 # ---------------------------------------------------------------- summary
 
 
-def summarise(outcomes: dict[str, list[dict]]) -> dict:
+def summarise(outcomes: dict[str, list[dict]]) -> ValidationSummary:
     datasets = {}
     for dataset, results in outcomes.items():
-        failed = [r for r in results if not r["success"]]
-        datasets[dataset] = {
-            "evaluated": len(results),
-            "failed": len(failed),
-            "failed_critical": sum(r["severity"] == "critical" for r in failed),
-            "failed_warning": sum(r["severity"] == "warning" for r in failed),
-            "checks": results,
-        }
-    critical = sum(d["failed_critical"] for d in datasets.values())
-    return {"passed": critical == 0, "failed_critical": critical,
-            "failed_warning": sum(d["failed_warning"] for d in datasets.values()), "datasets": datasets}
+        checks = [ExpectationOutcome(**r) for r in results]
+        failed = [r for r in checks if not r.success]
+        datasets[dataset] = DatasetValidation(
+            evaluated=len(checks), failed=len(failed), failed_critical=sum(r.severity == "critical" for r in failed),
+            failed_warning=sum(r.severity == "warning" for r in failed), checks=checks)
+    critical = sum(d.failed_critical for d in datasets.values())
+    return ValidationSummary(passed=critical == 0, failed_critical=critical,
+                             failed_warning=sum(d.failed_warning for d in datasets.values()), datasets=datasets)
 
 
-def failure_lines(summary: dict, severity: str = "critical") -> list[str]:
+def failure_lines(summary: ValidationSummary, severity: str = "critical") -> list[str]:
     """One line per failed expectation of a severity: dataset, check, expectation, count, examples."""
     lines = []
-    for dataset, info in summary["datasets"].items():
-        for r in info["checks"]:
-            if r["success"] or r["severity"] != severity:
+    for dataset, info in summary.datasets.items():
+        for r in info.checks:
+            if r.success or r.severity != severity:
                 continue
-            column = f"({r['column']})" if r["column"] else ""
-            count = "raised an error: " + r["exception"] if r["exception"] else f"{r['unexpected_count']} unexpected"
-            if r["unexpected_count"] is None and not r["exception"]:
-                count = f"observed {r['observed_value']}"
-            examples = f"; e.g. {', '.join(map(str, r['examples']))}" if r["examples"] else ""
-            lines.append(f"{dataset}: {r['check']}: {r['expectation']}{column}: {count}{examples}")
+            column = f"({r.column})" if r.column else ""
+            count = "raised an error: " + r.exception if r.exception else f"{r.unexpected_count} unexpected"
+            if r.unexpected_count is None and not r.exception:
+                count = f"observed {r.observed_value}"
+            examples = f"; e.g. {', '.join(map(str, r.examples))}" if r.examples else ""
+            lines.append(f"{dataset}: {r.check}: {r.expectation}{column}: {count}{examples}")
     return lines
 
 
-def _index_html(summary: dict, docs_dir: Path, out_dir: Path) -> str:
+def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path) -> str:
     """A static index that opens offline (GX's own index renders its tables with JavaScript from CDNs)."""
     esc = html.escape
     parts = [
@@ -342,14 +337,14 @@ def _index_html(summary: dict, docs_dir: Path, out_dir: Path) -> str:
         "body{font-family:system-ui,sans-serif;margin:2rem;max-width:75rem}table{border-collapse:collapse;"
         "width:100%;margin-bottom:2rem}td,th{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;"
         "font-size:.9rem}.fail{background:#fde2e2}.warn{background:#fff4d6}.ok{color:#1a7f37}</style></head><body>",
-        f"<h1>Data validation: {'passed' if summary['passed'] else 'FAILED'}</h1>",
-        f"<p>{summary['failed_critical']} critical and {summary['failed_warning']} warning expectations failed. "
+        f"<h1>Data validation: {'passed' if summary.passed else 'FAILED'}</h1>",
+        f"<p>{summary.failed_critical} critical and {summary.failed_warning} warning expectations failed. "
         "Great Expectations' own pages for each suite are linked below (they need a network connection for "
         "their styling; their content reads without it).</p>",
     ]
-    for dataset, info in summary["datasets"].items():
-        parts.append(f"<h2>{esc(dataset)}</h2><p>{info['evaluated']} expectations evaluated, {info['failed']} failed "
-                     f"({info['failed_critical']} critical, {info['failed_warning']} warning). Suites: ")
+    for dataset, info in summary.datasets.items():
+        parts.append(f"<h2>{esc(dataset)}</h2><p>{info.evaluated} expectations evaluated, {info.failed} failed "
+                     f"({info.failed_critical} critical, {info.failed_warning} warning). Suites: ")
         links = []
         for asset in ASSETS:
             pages = sorted((docs_dir / "validations" / dataset / asset).rglob("*.html"))
@@ -358,14 +353,14 @@ def _index_html(summary: dict, docs_dir: Path, out_dir: Path) -> str:
         parts.append(", ".join(links) + "</p>")
         parts.append("<table><tr><th>status</th><th>severity</th><th>check</th><th>expectation</th>"
                      "<th>unexpected</th><th>examples / error</th></tr>")
-        for r in sorted(info["checks"], key=lambda r: (r["success"], r["severity"] != "critical")):
-            css = "ok" if r["success"] else ("fail" if r["severity"] == "critical" else "warn")
-            status = "passed" if r["success"] else "failed"
-            detail = r["exception"] or ", ".join(map(str, r["examples"]))
+        for r in sorted(info.checks, key=lambda r: (r.success, r.severity != "critical")):
+            css = "ok" if r.success else ("fail" if r.severity == "critical" else "warn")
+            status = "passed" if r.success else "failed"
+            detail = r.exception or ", ".join(map(str, r.examples))
             parts.append(
-                f"<tr class='{css}'><td>{status}</td><td>{esc(r['severity'])}</td><td>{esc(str(r['check']))}</td>"
-                f"<td>{esc(r['expectation'])}{'(' + esc(r['column']) + ')' if r['column'] else ''}</td>"
-                f"<td>{esc(str(r['unexpected_count'] if r['unexpected_count'] is not None else r['observed_value']))}"
+                f"<tr class='{css}'><td>{status}</td><td>{esc(r.severity)}</td><td>{esc(str(r.check))}</td>"
+                f"<td>{esc(r.expectation)}{'(' + esc(r.column) + ')' if r.column else ''}</td>"
+                f"<td>{esc(str(r.unexpected_count if r.unexpected_count is not None else r.observed_value))}"
                 f"</td><td>{esc(detail)}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
@@ -375,18 +370,9 @@ def _index_html(summary: dict, docs_dir: Path, out_dir: Path) -> str:
 # ---------------------------------------------------------------- stage
 
 
-def _load_dataset(dataset: str, ingested: Path) -> tuple[pd.DataFrame, dict]:
-    folder = ingested / dataset
-    try:
-        manifest = pd.read_parquet(folder / "manifest.parquet")
-        provenance = json.loads((folder / "provenance.json").read_text())
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: not found; run `dvc repro ingest@{dataset}` first") from None
-    return manifest, provenance
-
-
 def tables_and_checks(params: Params, cards: dict[str, DataCard], manifests: dict[str, pd.DataFrame],
-                      provenances: dict[str, dict], cards_dir: Path, ingested: Path, withdrawn: frozenset[str]):
+                      provenances: dict[str, Provenance], cards_dir: Path, layout: Layout,
+                      withdrawn: frozenset[str]):
     """The tables GX validates and the checks for each dataset."""
     tables: dict[tuple[str, str], pd.DataFrame] = {}
     checks: dict[str, list[Check]] = {}
@@ -394,30 +380,29 @@ def tables_and_checks(params: Params, cards: dict[str, DataCard], manifests: dic
         others = [m for other, m in manifests.items() if other != name]
         seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
                       frozenset().union(*(set(m.sha256) for m in others)))
-        tables[(name, "records")] = pixel_stats(manifest, ingested / name)
+        tables[(name, "records")] = pixel_stats(manifest, layout.ingested(name))
         tables[(name, "dataset")] = dataset_table(cards[name], provenances[name], card_path(name, cards_dir))
         tables[(name, "coverage")] = coverage_table(manifest, cards[name])
         checks[name] = build_checks(cards[name], params, manifest, seen, withdrawn)
     return tables, checks
 
 
-def write_report(tables, checks, params: Params, out_dir: Path) -> dict:
+def write_report(tables, checks, params: Params, out_dir: Path) -> ValidationSummary:
     """Run the checks, and write Data Docs, index.html and summary.json under out_dir."""
     shutil.rmtree(out_dir, ignore_errors=True)
     docs_dir = out_dir / "gx"
     summary = summarise(run_checks(tables, checks, docs_dir, params.validation.examples))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "summary.json", summary)
     (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir))
     return summary
 
 
-def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), ingested: Path = INGESTED,
-             out_dir: Path = VALIDATION_REPORT) -> dict:
+def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"),
+             layout: Layout = Layout()) -> ValidationSummary:
     params = load_params(params_path)
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}
-    loaded = {name: _load_dataset(name, ingested) for name in params.datasets}
-    manifests = {name: manifest for name, (manifest, _) in loaded.items()}
-    provenances = {name: provenance for name, (_, provenance) in loaded.items()}
-    tables, checks = tables_and_checks(params, cards, manifests, provenances, cards_dir, ingested, withdrawn)
-    return write_report(tables, checks, params, out_dir)
+    manifests = {name: read_table(layout.manifest(name)) for name in params.datasets}
+    provenances = {name: layout.provenance(name) for name in params.datasets}
+    tables, checks = tables_and_checks(params, cards, manifests, provenances, cards_dir, layout, withdrawn)
+    return write_report(tables, checks, params, layout.validation)

@@ -3,7 +3,6 @@ groups, intersections and their multiple-comparison adjustment, named references
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from pipeline import PipelineError
 from pipeline.audit import overall_status
 from pipeline.audit.bias import audit, check_references, required_group_size
 from pipeline.cards import DataCard, load_card
+from pipeline.contracts import BiasResult, Check
 from pipeline.params import BiasSettings
 from tests.conftest import ROOT, Workspace
 
@@ -47,12 +47,12 @@ def with_training(samples: pd.DataFrame, train: dict[str, int]) -> pd.DataFrame:
     return pd.concat([samples, pd.DataFrame(rows)], ignore_index=True)
 
 
-def status(result: dict, check_id: str) -> str:
-    return next(c["status"] for c in result["checks"] if c["id"] == check_id)
+def check_of(result: BiasResult, check_id: str) -> Check:
+    return next(c for c in result.checks if c.id == check_id)
 
 
-def check_of(result: dict, check_id: str) -> dict:
-    return next(c for c in result["checks"] if c["id"] == check_id)
+def status(result: BiasResult, check_id: str) -> str:
+    return check_of(result, check_id).status
 
 
 def test_overall_status_is_the_worst():
@@ -65,20 +65,20 @@ def test_a_real_gap_fails_the_worse_group_against_the_best_served_reference():
                     {"group_a": 0.80, "group_b": 0.60}, seed=0)
     result = audit(with_training(samples, {"group_a": 90, "group_b": 10}), card(), SETTINGS)
     check = check_of(result, "bias.reconstruction_error.group=group_b")
-    assert check["status"] == "fail" and check["reference"] == "group_a" and check["group"] == "group_b"
-    assert check["interval"][0] > 0.10 and check["interval"][0] < check["value"] < check["interval"][1]
-    assert check["value"] == pytest.approx(0.3, abs=0.05)
+    assert check.status == "fail" and check.reference == "group_a" and check.group == "group_b"
+    assert check.interval[0] > 0.10 and check.interval[0] < check.value < check.interval[1]
+    assert check.value == pytest.approx(0.3, abs=0.05)
     probe = check_of(result, "bias.probe_accuracy.group=group_b")
-    assert probe["status"] == "fail" and probe["value"] < 0 and probe["interval"][1] < -0.05, "signed: b is worse"
-    assert probe["harmful"] == "lower" and probe["test"] == "equivalence"
+    assert probe.status == "fail" and probe.value < 0 and probe.interval[1] < -0.05, "signed: b is worse"
+    assert probe.harmful == "lower" and probe.test == "equivalence"
     assert status(result, "bias.representation.group") == "fail"
-    assert not any(c["id"].endswith("=group_a") for c in result["checks"]), "the reference is not compared"
-    entry = result["groupings"]["group"]["metrics"]["reconstruction_error"]
-    assert entry["reference"] == "group_a" and entry["reference_reason"] == "best-served group"
-    assert entry["groups"]["group_b"]["vs_reference"] == check["value"]
+    assert not any(c.id.endswith("=group_a") for c in result.checks), "the reference is not compared"
+    entry = result.groupings["group"].metrics["reconstruction_error"]
+    assert entry.reference == "group_a" and entry.reference_reason == "best-served group"
+    assert entry.groups["group_b"].vs_reference == check.value
     for field in ("confidence", "adjustment", "mc_error", "n_boot", "min_detectable"):
-        assert field in check, field
-    assert result["status"] == "fail"
+        assert getattr(check, field) is not None, field
+    assert result.status == "fail"
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -86,23 +86,24 @@ def test_equal_groups_raise_no_alarm_and_their_signed_intervals_reach_zero(seed:
     samples = table({"group_a": 300, "group_b": 300}, {"group_a": 0.01, "group_b": 0.01},
                     {"group_a": 0.7, "group_b": 0.7}, seed=seed)
     result = audit(with_training(samples, {"group_a": 50, "group_b": 50}), card(), SETTINGS)
-    assert "fail" not in {c["status"] for c in result["checks"]}
-    error = next(c for c in result["checks"] if c["id"].startswith("bias.reconstruction_error.group="))
-    assert error["status"] == "pass", "300 per group is enough to show it"
-    assert error["interval"][0] < 0 < error["interval"][1], "a signed interval is not pushed away from zero"
+    assert "fail" not in {c.status for c in result.checks}
+    error = next(c for c in result.checks if c.id.startswith("bias.reconstruction_error.group="))
+    assert error.status == "pass", "300 per group is enough to show it"
+    assert error.interval[0] < 0 < error.interval[1], "a signed interval is not pushed away from zero"
 
 
 def test_small_groups_are_withheld_and_get_the_size_that_would_decide():
     samples = table({"group_a": 200, "group_b": 12}, {"group_a": 0.01, "group_b": 0.02},
                     {"group_a": 0.7, "group_b": 0.2}, seed=1)
     result = audit(samples, card(), SETTINGS)
-    report = result["groupings"]["group"]
-    assert report["insufficient_data"] == ["group_b"] and report["counts"]["group_b"] == 12
-    for metric in report["metrics"].values():
-        assert metric["groups"]["group_b"] == {"count": 12, "status": "insufficient data"}, "no values that single out"
-    checks = [c for c in result["checks"] if c["metric"] != "representation"]
-    assert {c["status"] for c in checks} == {"inconclusive"} and {c["group"] for c in checks} == {"group_b"}
-    assert all(c["value"] is None and "insufficient data: 12 samples" in c["reason"] for c in checks)
+    report = result.groupings["group"]
+    assert report.insufficient_data == ["group_b"] and report.counts["group_b"] == 12
+    for metric in report.metrics.values():
+        assert metric.groups["group_b"].model_dump(exclude_none=True) == {"count": 12, "status": "insufficient data"}, \
+            "no values that single out"
+    checks = [c for c in result.checks if c.metric != "representation"]
+    assert {c.status for c in checks} == {"inconclusive"} and {c.group for c in checks} == {"group_b"}
+    assert all(c.value is None and "insufficient data: 12 samples" in c.reason for c in checks)
 
 
 def test_a_named_reference_is_compared_with_and_a_better_served_group_is_not_a_harm():
@@ -111,10 +112,10 @@ def test_a_named_reference_is_compared_with_and_a_better_served_group_is_not_a_h
     settings = SETTINGS.model_copy(update={"reference_groups": {"group": "group_b"}})
     result = audit(samples, card(), settings)
     check = check_of(result, "bias.reconstruction_error.group=group_a")
-    assert check["reference"] == "group_b" and check["interval"][1] < -0.10, "group_a is far better served"
-    assert check["status"] == "inconclusive" and "neither wholly within" in check["reason"]
-    entry = result["groupings"]["group"]["metrics"]["reconstruction_error"]
-    assert entry["reference_reason"] == "named in audit_bias.reference_groups"
+    assert check.reference == "group_b" and check.interval[1] < -0.10, "group_a is far better served"
+    assert check.status == "inconclusive" and "neither wholly within" in check.reason
+    entry = result.groupings["group"].metrics["reconstruction_error"]
+    assert entry.reference_reason == "named in audit_bias.reference_groups"
 
 
 def test_a_reference_group_the_card_does_not_know_is_a_one_line_error():
@@ -142,24 +143,26 @@ def test_intersections_of_two_attributes_are_audited_with_the_confidence_adjuste
     samples["age_band"] = np.where(np.arange(len(samples)) % 2, "young", "old")
     samples.loc[(samples["group"] == "group_b") & (samples["age_band"] == "old"), "recon_mse"] *= 1.5
     result = audit(samples, two, SETTINGS)
-    assert list(result["groupings"]) == ["group", "age_band", "group x age_band"]
+    assert list(result.groupings) == ["group", "age_band", "group x age_band"]
     intersection = check_of(result, "bias.reconstruction_error.group x age_band=group_b & old")
-    assert intersection["status"] == "fail" and intersection["reference"] != "group_b & old"
-    assert intersection["adjustment"] == {"method": "bonferroni", "comparisons": 3, "family_confidence": 0.95}
-    assert intersection["confidence"] == pytest.approx(1 - 0.05 / 3)
-    single = next(c for c in result["checks"] if c["id"].startswith("bias.reconstruction_error.group="))
-    assert single["adjustment"]["comparisons"] == 1 and single["confidence"] == 0.95, "two groups: no adjustment"
+    assert intersection.status == "fail" and intersection.reference != "group_b & old"
+    assert intersection.adjustment.model_dump() == {"method": "bonferroni", "comparisons": 3,
+                                                    "family_confidence": 0.95}
+    assert intersection.confidence == pytest.approx(1 - 0.05 / 3)
+    single = next(c for c in result.checks if c.id.startswith("bias.reconstruction_error.group="))
+    assert single.adjustment.comparisons == 1 and single.confidence == 0.95, "two groups: no adjustment"
 
 
 def test_audit_bias_stage_end_to_end(audited: Workspace):
     evaluated = audited
-    report = json.loads((evaluated.root / "reports" / "bias" / "bias.json").read_text())
+    report = BiasResult.model_validate_json((evaluated.root / "reports" / "bias" / "bias.json").read_text())
     samples = pd.read_parquet(evaluated.root / "data" / "eval" / "samples.parquet")
     unseen = samples[samples["split"].isin(["val", "test"])]
-    assert report["evaluated"] == len(unseen)
-    assert report["groupings"]["group"]["counts"] == unseen["group"].value_counts().to_dict()
-    assert {c["metric"] for c in report["checks"]} == {"reconstruction_error", "probe_accuracy", "knn_accuracy",
+    assert report.evaluated == len(unseen)
+    assert report.groupings["group"].counts == unseen["group"].value_counts().to_dict()
+    assert {c.metric for c in report.checks} == {"reconstruction_error", "probe_accuracy", "knn_accuracy",
                                                        "representation"}
     assert status(report, "bias.representation.group") == "fail", "the default data under-represents group_b"
+    assert {c.area for c in report.checks} == {"bias"}
     assert (evaluated.root / "reports" / "bias" / "group.png").is_file()
     assert "# Bias audit: synthetic" in (evaluated.root / "reports" / "bias" / "bias.md").read_text()

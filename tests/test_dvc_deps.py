@@ -103,9 +103,12 @@ def test_every_imported_module_is_a_dependency(stage: str, cmd: str, deps: list[
 
 def test_a_removed_dependency_is_named():
     stage, cmd, deps = next(s for s in STAGES if s[0] == "report")
-    assert Path("pipeline/report.py") in stage_imports(cmd) and "pipeline/report.py" in deps
-    assert missing_deps(cmd, [d for d in deps if d != "pipeline/report.py"]) == ["pipeline/report.py"]
+    registry = "pipeline/registry.py"
+    assert Path(registry) in stage_imports(cmd) and registry in deps
+    assert missing_deps(cmd, [d for d in deps if d != registry]) == [registry]
     # a folder dependency covers the modules inside it
+    assert Path("pipeline/report/judge.py") in stage_imports(cmd) and "pipeline/report" in deps
+    assert "pipeline/report/judge.py" in missing_deps(cmd, [d for d in deps if d != "pipeline/report"])
     assert missing_deps(cmd, [d for d in deps if not d.startswith("pipeline/")] + ["pipeline"]) == []
 
 
@@ -113,4 +116,4 @@ def test_package_and_submodule_imports_are_followed():
     closure = stage_imports("python -m pipeline ingest synthetic")
     assert {Path("pipeline/sources/__init__.py"), Path("pipeline/sources/records.py"),
             Path("pipeline/ingest.py"), Path("pipeline/__init__.py")} <= closure
-    assert Path("pipeline/report.py") not in closure
+    assert Path("pipeline/report/stage.py") not in closure

@@ -159,4 +159,4 @@ def test_prepare_refuses_unvalidated_data(workspace: Workspace):
     assert not (validated.root / "data" / "prepared").exists()
     shutil.rmtree(validated.root / "reports")
     result = validated.run("prepare")
-    assert result.returncode == 2 and "run `dvc repro validate` first" in result.stderr
+    assert result.returncode == 2 and "summary.json: not found; run `dvc repro validate`" in result.stderr

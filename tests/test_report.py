@@ -15,16 +15,14 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.audit.memorization import memorization
 from pipeline.cards import load_card
+from pipeline.contracts import Check, Counts, Release, RunRecord
 from pipeline.params import ReportSettings, load_params
 from pipeline.registry import affected
-from pipeline.report import (
-    consent_checks,
-    decide_release,
-    memorization_checks,
-    report_html,
-    text,
-)
+from pipeline.render import fmt, text
+from pipeline.report.html import report_html
+from pipeline.report.judge import consent_checks, decide_release
 from tests.conftest import ROOT, Workspace
 
 SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=200, advisory=["shift.drift.*"])
@@ -35,21 +33,22 @@ ATTACK = ('<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2
 
 # ---------------------------------------------------------------- pure logic
 
-def checks_of(statuses: dict[str, str]) -> list[dict]:
-    return [{"id": i, "area": i.split(".")[0], "status": s} for i, s in statuses.items()]
+def checks_of(statuses: dict[str, str]) -> list[Check]:
+    return [Check(id=i, area=i.split(".")[0], status=s, statistic="x", detail="x") for i, s in statuses.items()]
 
 
 def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
     checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "memorization.overall": "inconclusive"})
     release = decide_release(checks, SETTINGS)
-    assert release["decision"] == "approved" and release["blocked_by"] == []
-    assert release["areas"]["shift"] == {"status": "inconclusive", "advisory": "fail"}
+    assert release.decision == "approved" and release.blocked_by == []
+    assert release.areas["shift"].model_dump() == {"status": "inconclusive", "advisory": "fail"}
+    assert [c.blocking for c in release.checks] == [True, False, True] and checks[1].blocking is None
 
     strict = SETTINGS.model_copy(update={"block_on": ["fail", "inconclusive"]})
     assert decide_release(checks_of({"bias.x": "pass", "memorization.overall": "inconclusive"}),
-                          strict)["blocked_by"] == ["memorization.overall"]
+                          strict).blocked_by == ["memorization.overall"]
     blocked = decide_release(checks_of({"bias.x": "fail", "shift.drift.site": "fail"}), SETTINGS)
-    assert blocked["decision"] == "blocked" and blocked["blocked_by"] == ["bias.x"]
+    assert blocked.decision == "blocked" and blocked.blocked_by == ["bias.x"]
 
 
 def memorization_table(train_mse: float, unseen_mse: float, n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -60,13 +59,27 @@ def memorization_table(train_mse: float, unseen_mse: float, n: int = 400, seed: 
 
 
 def test_memorization_fails_a_model_that_reconstructs_what_it_saw_far_better():
-    memorised, _ = memorization_checks(memorization_table(0.005, 0.010), ["group"], SETTINGS, min_group_size=30)
-    assert {c["id"]: c["status"] for c in memorised} == {"memorization.overall": "fail", "memorization.group=a": "fail",
-                                                          "memorization.group=b": "fail"}
-    healthy, table = memorization_checks(memorization_table(0.010, 0.010), ["group"], SETTINGS, min_group_size=30)
-    assert all(c["status"] == "pass" for c in healthy), healthy
-    few, table = memorization_checks(memorization_table(0.010, 0.010, n=20), ["group"], SETTINGS, min_group_size=30)
-    assert table["group=a"]["status"] == "inconclusive" and table["group=a"]["value"] is None
+    memorised, _ = memorization(memorization_table(0.005, 0.010), ["group"], SETTINGS, min_group_size=30)
+    assert {c.id: c.status for c in memorised} == {"memorization.overall": "fail", "memorization.group=a": "fail",
+                                                   "memorization.group=b": "fail"}
+    assert {c.area for c in memorised} == {"memorization"} and memorised[0].reference == "training images"
+    healthy, table = memorization(memorization_table(0.010, 0.010), ["group"], SETTINGS, min_group_size=30)
+    assert all(c.status == "pass" for c in healthy), healthy
+    few, table = memorization(memorization_table(0.010, 0.010, n=20), ["group"], SETTINGS, min_group_size=30)
+    assert table["group=a"].status == "inconclusive" and table["group=a"].value is None
+
+
+def test_memorization_compares_training_with_unseen_images_of_the_same_domains_per_group():
+    samples = pd.DataFrame({
+        "split": ["train", "train", "val", "test", "train", "train", "test", "val", "heldout"],
+        "group": ["a", "a", "a", "a", "b", "b", "b", "b", "b"],
+        "recon_mse": [0.1, 0.3, 0.4, 0.4, 0.2, 0.2, 0.2, 0.2, 9.0],
+    })
+    _, table = memorization(samples, ["group"], SETTINGS, min_group_size=2)
+    assert table["overall"].train_mse == pytest.approx(0.2) and table["overall"].unseen_mse == pytest.approx(0.3)
+    assert table["group=a"].value == pytest.approx(1.0), "unseen 0.4 against training 0.2"
+    assert table["group=b"].value == pytest.approx(0.0), "held-out domains are not 'unseen'"
+    assert table["group=b"].unseen_count == 2
 
 
 def test_consent_check_of_training_records_follows_todays_withdrawals_and_policy():
@@ -75,15 +88,15 @@ def test_consent_check_of_training_records_follows_todays_withdrawals_and_policy
     training = pd.DataFrame({"record_id": ["r1", "r2", "r3"], "sha256": ["s1", "s2", "s3"],
                              "source_sha256": ["f1", "f2", "f3"], "license": ["CC-BY-4.0"] * 2 + ["CC-BY-NC-4.0"],
                              "consent_status": ["granted"] * 3})
-    provenance = {"counts": {"read": 5, "accepted": 3, "quarantined": 2}}
-    checks = {c["id"]: c for c in consent_checks("synthetic", card, params, provenance, training, frozenset({"s2"}))}
+    counts = Counts(read=5, accepted=3, quarantined=2, by_reason={})
+    checks = {c.id: c for c in consent_checks("synthetic", card, params, counts, training, frozenset({"s2"}))}
     refused = checks["consent.training_records.synthetic"]
-    assert refused["status"] == "fail" and refused["value"] == 2
-    assert refused["reasons"] == {"license_not_allowed": 1, "withdrawal_request": 1}
-    assert checks["consent.accounted.synthetic"]["status"] == "pass"
-    lost = consent_checks("synthetic", card, params, {"counts": {"read": 6, "accepted": 3, "quarantined": 2}},
-                          training.iloc[:1], frozenset())
-    assert [c["status"] for c in lost] == ["fail", "pass", "pass"]
+    assert refused.status == "fail" and refused.value == 2 and refused.training_records == 3
+    assert refused.reasons == {"license_not_allowed": 1, "withdrawal_request": 1}
+    assert checks["consent.accounted.synthetic"].status == "pass"
+    lost = consent_checks("synthetic", card, params, counts.model_copy(update={"read": 6}), training.iloc[:1],
+                          frozenset())
+    assert [c.status for c in lost] == ["fail", "pass", "pass"]
 
 
 def test_withdrawals_match_any_of_the_three_ids():
@@ -131,7 +144,17 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     assert release["decision"] == "blocked", "the default data under-represents group_b"
     assert "bias.representation.group" in release["blocked_by"]
     assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization"}
-    assert all({"status", "value", "threshold", "detail"} <= set(c) for c in release["checks"])
+    assert all(set(c) == set(Check.model_fields) for c in release["checks"]), "every field of every check"
+    assert all(isinstance(c["blocking"], bool) for c in release["checks"])
+    Release.model_validate_json((governance(reported) / "release.json").read_text())
+    bias = json.loads((reported.root / "reports" / "bias" / "bias.json").read_text())
+    shift = json.loads((reported.root / "reports" / "shift" / "shift.json").read_text())
+    kept = {c["id"]: c for c in release["checks"]}
+    for audited in bias["checks"] + shift["checks"]:
+        assert {k: v for k, v in kept[audited["id"]].items() if k != "blocking"} == \
+            {k: v for k, v in audited.items() if k != "blocking"}, f"{audited['id']}: the audit's check, every field"
+    corruption = kept["shift.corruptions"]
+    assert corruption["interval"] and corruption["test"] == "non-inferiority" and corruption["n_boot"]
 
     client = MlflowClient(reported.env["MLFLOW_TRACKING_URI"])
     run_id = json.loads((reported.root / "models" / "mae" / "run.json").read_text())["run_id"]
@@ -257,7 +280,7 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
         second_records = tmp_path / "training_records.csv"
         records.iloc[1:].to_csv(second_records, index=False)
         mlflow.log_artifact(str(second_records), str(Path(RECORDS_ARTIFACT).parent))
-    second_version = register_version("mae-encoder", {"run_id": run.info.run_id, "model_uri": logged.model_uri},
+    second_version = register_version("mae-encoder", RunRecord(run_id=run.info.run_id, model_uri=logged.model_uri),
                                       "blocked")
 
     space = Workspace(tmp_path / "steward", env=reported.env)
@@ -297,7 +320,6 @@ def _row(markdown: str, first_cell: str) -> list[str]:
 
 def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(reported: Workspace, tmp_path: Path):
     """Every number a reviewer reads (report.md) or README quotes (`pipeline results`) is the one the run wrote."""
-    from pipeline.audit import fmt
     from pipeline.results import read_run, results_markdown
 
     release = json.loads((governance(reported) / "release.json").read_text())
@@ -308,12 +330,15 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
         assert cells[4:6] == [fmt(c["value"]), fmt(c["interval"])], c["id"]
         cells = _row(results, f"`{c['id']}`")
         assert cells[1] == c["status"] and cells[3:5] == [fmt(c["value"]), fmt(c["interval"])], c["id"]
+    corruption = next(c for c in release["checks"] if c["id"] == "shift.corruptions")
+    assert (f"mean reconstruction error {fmt(corruption['value'], 3)} times the clean error, 95% interval "
+            f"{fmt(corruption['interval'], 3)}") in report_md, "the corruption result is stated with its interval"
     evaluation = json.loads((reported.root / "metrics" / "eval.json").read_text())
     for split, entry in evaluation["reconstruction"].items():
         cells = _row(results, split)
         assert cells[1:5] == [str(entry["count"]), fmt(entry["mse"]), fmt(entry["mse_random_init"]),
                               fmt(entry["mse_patch_mean"])]
-        if split in evaluation["probe"]:
+        if evaluation["probe"].get(split):
             probe = evaluation["probe"][split]
             assert cells[5] == " / ".join(fmt(probe[k], 3) for k in ("mae", "random_init", "raw_pixels"))
     pretrain = json.loads((reported.root / "metrics" / "pretrain.json").read_text())

@@ -15,7 +15,7 @@ import yaml
 from markdown_it import MarkdownIt
 from PIL import Image
 
-from pipeline.report import report_html
+from pipeline.report.html import report_html
 from tests.conftest import Workspace, small_params
 
 HOSTILE_ID = "![x](/etc/hostname)"  # the domain value

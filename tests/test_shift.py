@@ -3,14 +3,23 @@ domain checks, and the planted held-out site end to end."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.audit.shift import CORRUPTIONS, SEVERITIES, corrupt, domain_auc, domain_checks, drift_power, mmd_test
+from pipeline.audit.shift import (
+    CORRUPTIONS,
+    SEVERITIES,
+    corrupt,
+    corruption_check,
+    domain_auc,
+    domain_checks,
+    drift_power,
+    mmd_test,
+)
+from pipeline.contracts import ShiftResult
 from pipeline.params import ShiftSettings
+from pipeline.render import fmt
 from tests.conftest import Workspace
 
 SETTINGS = ShiftSettings(max_domain_auc=0.75, max_relative_error_increase=0.25, max_accuracy_drop=0.10,
@@ -46,7 +55,7 @@ def test_drift_test_false_positive_rate_stays_near_alpha_and_it_detects_a_shift(
     for seed in range(trials):
         rng = np.random.default_rng(seed)
         x, y = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
-        p_values.append(mmd_test(x, y, permutations=200, seed=seed)["p_value"])
+        p_values.append(mmd_test(x, y, permutations=200, seed=seed).p_value)
     p_values = np.array(p_values)
     # under the null the permutation p-value is uniform: with 60 trials at alpha 0.05 we expect 3 rejections;
     # 8 or more happens with probability below 0.5%
@@ -55,7 +64,7 @@ def test_drift_test_false_positive_rate_stays_near_alpha_and_it_detects_a_shift(
 
     rng = np.random.default_rng(99)
     shifted = mmd_test(rng.normal(size=(60, 8)), rng.normal(0.7, 1, size=(60, 8)), permutations=200, seed=0)
-    assert shifted["p_value"] < alpha
+    assert shifted.p_value < alpha
 
 
 def test_mmd_statistic_and_bandwidth_match_a_direct_numpy_computation():
@@ -69,8 +78,8 @@ def test_mmd_statistic_and_bandwidth_match_a_direct_numpy_computation():
     kernel = np.exp(-distances ** 2 / bandwidth ** 2)
     expected = kernel[:40, :40].mean() + kernel[40:, 40:].mean() - 2 * kernel[:40, 40:].mean()
     result = mmd_test(x, y, permutations=100, seed=0)
-    assert result["bandwidth"] == pytest.approx(bandwidth, rel=1e-12)
-    assert result["mmd2"] == pytest.approx(expected, rel=1e-10)
+    assert result.bandwidth == pytest.approx(bandwidth, rel=1e-12)
+    assert result.mmd2 == pytest.approx(expected, rel=1e-10)
     with_self = np.median(distances)  # what the median would be with the zero self-distances in it
     assert with_self < bandwidth
 
@@ -79,11 +88,11 @@ def test_permutations_double_while_the_p_value_is_within_its_mc_error_of_alpha()
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(50, 4)), rng.normal(0.2, 1, size=(50, 4))
     first = mmd_test(x, y, permutations=200, seed=0)
-    assert first["permutations"] == 200 and first["mc_error"] > 0
-    far = mmd_test(x, y, permutations=200, seed=0, alpha=min(first["p_value"] + 0.5, 0.99), max_permutations=800)
-    assert far["permutations"] == 200, "clear of alpha: no more permutations"
-    near = mmd_test(x, y, permutations=200, seed=0, alpha=first["p_value"], max_permutations=800)
-    assert near["permutations"] == 800 and abs(near["p_value"] - first["p_value"]) <= near["mc_error"]
+    assert first.permutations == 200 and first.mc_error > 0
+    far = mmd_test(x, y, permutations=200, seed=0, alpha=min(first.p_value + 0.5, 0.99), max_permutations=800)
+    assert far.permutations == 200, "clear of alpha: no more permutations"
+    near = mmd_test(x, y, permutations=200, seed=0, alpha=first.p_value, max_permutations=800)
+    assert near.permutations == 800 and abs(near.p_value - first.p_value) <= near.mc_error
 
 
 def test_drift_power_grows_with_the_share_of_shifted_images_mixed_in():
@@ -92,11 +101,11 @@ def test_drift_power_grows_with_the_share_of_shifted_images_mixed_in():
     settings = SETTINGS.model_copy(update={"power_shares": [0.05, 0.3, 0.6], "power_trials": 20,
                                            "power_permutations": 50})
     power = drift_power(reference, same, shifted, 80, 80, settings, seed=0)
-    curve = [point["power"] for point in power["curve"]]
+    curve = [point.power for point in power.curve]
     assert curve[0] < 0.5 and curve[-1] == 1.0 and curve == sorted(curve), curve
-    assert power["detectable_share"] in (0.3, 0.6) and power["n_sample"] == 80 and power["trials"] == 20
+    assert power.detectable_share in (0.3, 0.6) and power.n_sample == 80 and power.trials == 20
     scarce = drift_power(reference, same, shifted[:10], 80, 80, settings, seed=0)
-    assert scarce["curve"][-1]["power"] is None, "more shifted images than exist are not invented"
+    assert scarce.curve[-1].power is None, "more shifted images than exist are not invented"
 
 
 def domain_table(error: float, accuracy: float, n: int = 400, seed: int = 0) -> pd.DataFrame:
@@ -109,15 +118,18 @@ def domain_table(error: float, accuracy: float, n: int = 400, seed: int = 0) -> 
 
 
 def test_domain_checks_are_signed_and_one_sided():
-    easier = {c["id"]: c for c in domain_checks(domain_table(0.007, 0.72), ["site_x"], SETTINGS)[1]}
-    assert easier["shift.error.site_x"]["value"] < -0.2 and easier["shift.error.site_x"]["status"] == "pass", \
+    domains, checks = domain_checks(domain_table(0.007, 0.72), ["site_x"], SETTINGS)
+    easier = {c.id: c for c in checks}
+    assert easier["shift.error.site_x"].value < -0.2 and easier["shift.error.site_x"].status == "pass", \
         "a domain served better is no harm"
-    assert easier["shift.accuracy.site_x"]["status"] == "pass" and easier["shift.accuracy.site_x"]["test"] == \
+    assert easier["shift.accuracy.site_x"].status == "pass" and easier["shift.accuracy.site_x"].test == \
         "non-inferiority"
-    harder = {c["id"]: c for c in domain_checks(domain_table(0.016, 0.45), ["site_x"], SETTINGS)[1]}
-    assert harder["shift.error.site_x"]["status"] == "fail" and harder["shift.error.site_x"]["interval"][0] > 0.25
-    assert harder["shift.accuracy.site_x"]["status"] == "fail" and harder["shift.accuracy.site_x"]["value"] < -0.1
-    assert harder["shift.error.site_x"]["reference"] == "in-distribution (val, test)"
+    assert domains.held_out["site_x"].error_comparison.value == easier["shift.error.site_x"].value
+    harder = {c.id: c for c in domain_checks(domain_table(0.016, 0.45), ["site_x"], SETTINGS)[1]}
+    assert harder["shift.error.site_x"].status == "fail" and harder["shift.error.site_x"].interval[0] > 0.25
+    assert harder["shift.accuracy.site_x"].status == "fail" and harder["shift.accuracy.site_x"].value < -0.1
+    assert harder["shift.error.site_x"].reference == "in-distribution (val, test)"
+    assert {c.area for c in checks} == {"shift"}
 
 
 def test_domain_classifier_auc_is_chance_on_one_distribution_and_high_on_two():
@@ -127,23 +139,39 @@ def test_domain_classifier_auc_is_chance_on_one_distribution_and_high_on_two():
     assert abs(same - 0.5) < 0.1 and apart > 0.9
 
 
+def test_corruption_check_is_a_paired_bootstrap_of_the_reported_mean_corruption_error():
+    rng = np.random.default_rng(7)
+    clean = rng.gamma(4, 0.01 / 4, 200)
+    corrupted = clean * rng.normal(2.5, 0.2, 200)
+    check = corruption_check(clean, corrupted, SETTINGS)
+    assert check.id == "shift.corruptions" and check.area == "shift" and check.test == "non-inferiority"
+    assert check.value == pytest.approx(corrupted.mean() / clean.mean()) and check.threshold == 3.0
+    assert check.interval[0] < check.value < check.interval[1] < 3.0 and check.status == "pass"
+    assert check.n_boot >= SETTINGS.n_boot and check.min_detectable is not None
+    assert corruption_check(clean, clean * 3.6, SETTINGS).status == "fail"
+
+
 def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(audited: Workspace):
     evaluated = audited
-    report = json.loads((evaluated.root / "reports" / "shift" / "shift.json").read_text())
-    checks = {c["id"]: c for c in report["checks"]}
-    assert checks["shift.drift.site_east"]["status"] == "fail", checks["shift.drift.site_east"]
-    assert checks["shift.drift.in_distribution"]["status"] == "pass", checks["shift.drift.in_distribution"]
+    report = ShiftResult.model_validate_json((evaluated.root / "reports" / "shift" / "shift.json").read_text())
+    checks = {c.id: c for c in report.checks}
+    assert checks["shift.drift.site_east"].status == "fail", checks["shift.drift.site_east"]
+    assert checks["shift.drift.in_distribution"].status == "pass", checks["shift.drift.in_distribution"]
     control = checks["shift.drift.in_distribution"]
-    assert 0 <= control["p_value"] <= 1 and control["mc_error"] > 0 and control["permutations"] >= 200
-    assert [point["share"] for point in control["power"]["curve"]] == [0.05, 0.1, 0.2, 0.3, 0.5]
-    assert control["min_detectable"]["value"] == control["power"]["detectable_share"]
-    assert "p_value" in checks["shift.drift.site_east"] and "power" not in checks["shift.drift.site_east"]
-    for name in ("shift.error.site_east", "shift.accuracy.site_east"):
-        assert {"reference", "confidence", "adjustment", "mc_error", "n_boot", "min_detectable"} <= set(checks[name])
-    assert report["drift"]["site_east"]["auc"] > report["drift"]["in_distribution (control)"]["auc"]
-    assert {"shift.error.site_east", "shift.accuracy.site_east", "shift.corruptions"} <= set(checks)
-    curves = report["corruptions"]["curves"]
+    assert 0 <= control.p_value <= 1 and control.mc_error > 0 and control.permutations >= 200
+    assert [point.share for point in control.power.curve] == [0.05, 0.1, 0.2, 0.3, 0.5]
+    assert control.min_detectable.value == control.power.detectable_share
+    assert checks["shift.drift.site_east"].p_value is not None and checks["shift.drift.site_east"].power is None
+    for name in ("shift.error.site_east", "shift.accuracy.site_east", "shift.corruptions"):
+        for field in ("reference", "confidence", "adjustment", "mc_error", "n_boot", "min_detectable", "interval"):
+            assert getattr(checks[name], field) is not None, (name, field)
+    assert report.drift["site_east"].auc > report.drift["in_distribution (control)"].auc
+    curves = report.corruptions.curves
     assert set(curves) == set(CORRUPTIONS) and all(len(curve) == 5 for curve in curves.values())
-    assert report["domains"]["worst_domain"] in {"site_east"}
+    corruption = checks["shift.corruptions"]
+    assert corruption.value == pytest.approx(report.corruptions.relative_mce_reconstruction, rel=1e-9)
+    assert report.domains.worst_domain == "site_east"
+    shift_md = (evaluated.root / "reports" / "shift" / "shift.md").read_text()
+    assert f"interval {fmt(corruption.interval, 3)}" in shift_md, "the corruption result is stated with its interval"
     for name in ("shift.md", "corruption_curves.png", "overtrust.png"):
         assert (evaluated.root / "reports" / "shift" / name).is_file()

@@ -67,12 +67,12 @@ def test_signed_intervals_of_equal_groups_reach_below_zero_and_pass_equivalence(
     equal model can show a clean pass."""
     rng = np.random.default_rng(1)
     result = compare(gamma(0.01, 2000, rng), gamma(0.01, 2000, rng), "relative", EQUIVALENCE, SETTINGS, seed=0)
-    low, high = result["interval"]
-    assert low < 0 < high and result["status"] == "pass"
-    assert result["test"] == "equivalence" and result["harmful"] == "higher"
-    assert result["adjustment"] == {"method": "none", "comparisons": 1, "family_confidence": 0.95}
-    assert len(result["mc_error"]) == 2 and all(0 < e < 0.01 for e in result["mc_error"])
-    assert "reason" not in result
+    low, high = result.interval
+    assert low < 0 < high and result.status == "pass"
+    assert result.test == "equivalence" and result.harmful == "higher"
+    assert result.adjustment.model_dump() == {"method": "none", "comparisons": 1, "family_confidence": 0.95}
+    assert len(result.mc_error) == 2 and all(0 < e < 0.01 for e in result.mc_error)
+    assert result.reason is None
 
 
 def test_the_smallest_detectable_difference_matches_the_normal_formula():
@@ -80,8 +80,8 @@ def test_the_smallest_detectable_difference_matches_the_normal_formula():
     a, b = rng.normal(0.7, 0.2, 800), rng.normal(0.7, 0.3, 500)
     result = compare(a, b, "difference", ACCURACY, SETTINGS, seed=0)
     standard_error = np.sqrt(0.2 ** 2 / 800 + 0.3 ** 2 / 500)
-    assert result["min_detectable"]["value"] == pytest.approx((1.959964 + 0.841621) * standard_error, rel=0.1)
-    assert "80% power" in result["min_detectable"]["definition"]
+    assert result.min_detectable.value == pytest.approx((1.959964 + 0.841621) * standard_error, rel=0.1)
+    assert "80% power" in result.min_detectable.definition
 
 
 BORDERLINE_SEEDS = range(10)
@@ -98,26 +98,43 @@ def test_a_borderline_bound_decides_the_same_under_every_bootstrap_seed():
     depends on the seed. Adapted resamples decide it the same way under every seed."""
     seen, unseen = borderline(1.18)
     fixed = SETTINGS.model_copy(update={"max_n_boot": 1000})
-    naive = {decide(*compare(seen, unseen, "relative", ONE_SIDED, fixed, seed=s)["interval"], ONE_SIDED)
+    naive = {decide(*compare(seen, unseen, "relative", ONE_SIDED, fixed, seed=s).interval, ONE_SIDED)
              for s in BORDERLINE_SEEDS}
     assert naive == {"pass", "inconclusive"}, "the case is borderline at 1,000 resamples"
     results = [compare(seen, unseen, "relative", ONE_SIDED, SETTINGS, seed=s) for s in BORDERLINE_SEEDS]
-    assert {r["status"] for r in results} == {"pass"}, results
-    assert max(r["n_boot"] for r in results) > 1000, "resamples were added where the bound was close"
+    assert {r.status for r in results} == {"pass"}, results
+    assert max(r.n_boot for r in results) > 1000, "resamples were added where the bound was close"
     for r in results:
-        assert 0.25 - r["interval"][1] > r["mc_error"][1], "decided only once the bound is clear of its MC error"
+        assert 0.25 - r.interval[1] > r.mc_error[1], "decided only once the bound is clear of its MC error"
 
 
 def test_a_bound_on_the_threshold_is_inconclusive_under_every_seed_and_says_why():
     seen, unseen = borderline(1.1875)
     results = [compare(seen, unseen, "relative", ONE_SIDED, SETTINGS, seed=s) for s in BORDERLINE_SEEDS]
-    assert {r["status"] for r in results} == {"inconclusive"}
+    assert {r.status for r in results} == {"inconclusive"}
     for r in results:
-        assert abs(r["interval"][1] - 0.25) <= r["mc_error"][1] and r["n_boot"] == SETTINGS.max_n_boot
-        assert "within its Monte-Carlo error" in r["reason"] and "upper bound" in r["reason"]
+        assert abs(r.interval[1] - 0.25) <= r.mc_error[1] and r.n_boot == SETTINGS.max_n_boot
+        assert "within its Monte-Carlo error" in r.reason and "upper bound" in r.reason
 
 
 def test_a_statistic_undefined_on_its_resamples_is_inconclusive_not_an_error():
     result = compare(np.zeros(40), np.ones(40), "relative", EQUIVALENCE, SETTINGS, seed=0)
-    assert result["status"] == "inconclusive" and result["min_detectable"]["value"] is None
-    assert "undefined" in result["reason"] and result["n_boot"] == SETTINGS.n_boot
+    assert result.status == "inconclusive" and result.min_detectable.value is None
+    assert "undefined" in result.reason and result.n_boot == SETTINGS.n_boot
+
+
+def test_a_paired_ratio_resamples_each_unit_with_its_pair():
+    """The corruption check: each image's clean error and its corrupted error are one pair. The ratio of means is
+    the statistic; resampling the pairs together keeps their correlation, so the interval is narrower than
+    resampling each side on its own, and both contain the value."""
+    rng = np.random.default_rng(6)
+    clean = gamma(0.01, 300, rng)
+    corrupted = clean * rng.normal(2.0, 0.1, 300)  # each image about twice as bad, tightly tied to its clean error
+    threshold = Criterion(3.0, "higher", equivalence=False)
+    paired = compare(clean, corrupted, "ratio", threshold, SETTINGS, seed=0, paired=True)
+    apart = compare(clean, corrupted, "ratio", threshold, SETTINGS, seed=0)
+    assert paired.value == pytest.approx(corrupted.mean() / clean.mean())
+    assert paired.interval[0] < paired.value < paired.interval[1] and paired.status == "pass"
+    assert paired.interval[1] - paired.interval[0] < 0.5 * (apart.interval[1] - apart.interval[0])
+    worse = compare(clean, clean * 4, "ratio", threshold, SETTINGS, seed=0, paired=True)
+    assert worse.status == "fail" and worse.test == "non-inferiority"

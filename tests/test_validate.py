@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -11,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from pipeline.artifacts import Layout
 from pipeline.cards import card_path, load_card
+from pipeline.contracts import ExpectationOutcome, ValidationSummary
 from pipeline.params import load_params
 from pipeline.validate import failure_lines, tables_and_checks, write_report
 from tests.conftest import ROOT, Workspace, run_cli, small_params
@@ -43,14 +44,15 @@ def loaded(space: Workspace, withdrawn: frozenset[str] = frozenset()):
     params = load_params(space.root / "params.yaml")
     cards = {name: load_card(card_path(name, space.root / "data_cards")) for name in params.datasets}
     manifests = {n: pd.read_parquet(space.ingested(n) / "manifest.parquet") for n in params.datasets}
-    provenances = {n: json.loads((space.ingested(n) / "provenance.json").read_text()) for n in params.datasets}
-    tables, checks = tables_and_checks(params, cards, manifests, provenances, space.root / "data_cards",
-                                       space.root / "data" / "ingested", withdrawn)
+    layout = Layout(space.root)
+    provenances = {n: layout.provenance(n) for n in params.datasets}
+    tables, checks = tables_and_checks(params, cards, manifests, provenances, space.root / "data_cards", layout,
+                                       withdrawn)
     return params, tables, checks
 
 
-def outcome(summary: dict, dataset: str, check: str) -> dict:
-    [found] = [c for c in summary["datasets"][dataset]["checks"] if c["check"] == check]
+def outcome(summary: ValidationSummary, dataset: str, check: str) -> ExpectationOutcome:
+    [found] = [c for c in summary.datasets[dataset].checks if c.check == check]
     return found
 
 
@@ -58,13 +60,13 @@ def test_clean_default_data_passes_with_data_docs(ingested: Workspace):
     result = ingested.run("validate")
     assert result.returncode == 0, result.stderr
     report = ingested.root / "reports" / "validation"
-    summary = json.loads((report / "summary.json").read_text())
-    assert summary["passed"] and summary["failed_critical"] == 0
-    synthetic = summary["datasets"]["synthetic"]
-    assert synthetic["evaluated"] >= 40
+    summary = ValidationSummary.model_validate_json((report / "summary.json").read_text())
+    assert summary.passed and summary.failed_critical == 0
+    synthetic = summary.datasets["synthetic"]
+    assert synthetic.evaluated >= 40
     # warnings are findings, not stops: the planted defects push the quarantined share over its warning level
-    assert not outcome(summary, "synthetic", "coverage.quarantine_fraction_warning")["success"]
-    assert not outcome(summary, "synthetic", "coverage.min_group_count")["success"], "group_b is small here"
+    assert not outcome(summary, "synthetic", "coverage.quarantine_fraction_warning").success
+    assert not outcome(summary, "synthetic", "coverage.min_group_count").success, "group_b is small here"
     index = (report / "index.html").read_text()
     assert "Data validation: passed" in index and "http" not in index.split("<body>")[1].split("<a href")[0]
     assert len(list((report / "gx" / "validations").rglob("*.html"))) == 5  # 3 synthetic suites, 2 digits
@@ -124,20 +126,20 @@ def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspa
     }
     for check, record_id in expected.items():
         found = outcome(summary, "synthetic", check)
-        assert not found["success"] and found["severity"] == "critical", check
-        assert record_id in found["examples"], (check, found["examples"])
-        assert found["exception"] is None, (check, found["exception"])
-    assert outcome(summary, "synthetic", "content.not_near_constant")["unexpected_count"] == 20
+        assert not found.success and found.severity == "critical", check
+        assert record_id in found.examples, (check, found.examples)
+        assert found.exception is None, (check, found.exception)
+    assert outcome(summary, "synthetic", "content.not_near_constant").unexpected_count == 20
     for check in ("coverage.quarantine_fraction_critical", "card.spdx_valid"):
-        assert not outcome(summary, "synthetic", check)["success"], check
-    assert outcome(summary, "synthetic", "content.pixel_mean_plausible")["severity"] == "warning"
-    assert not summary["passed"]
-    assert summary["datasets"]["sklearn_digits"]["failed_critical"] == 0, "one dataset's defects stay its own"
+        assert not outcome(summary, "synthetic", check).success, check
+    assert outcome(summary, "synthetic", "content.pixel_mean_plausible").severity == "warning"
+    assert not summary.passed
+    assert summary.datasets["sklearn_digits"].failed_critical == 0, "one dataset's defects stay its own"
 
     lines = failure_lines(summary)
     assert any(line.startswith("synthetic: governance.license_allowed: expect_column_values_to_be_in_set(license): "
                                "1 unexpected; e.g. inj-nc") for line in lines), lines
-    assert len(lines) == summary["failed_critical"]
+    assert len(lines) == summary.failed_critical
 
 
 def test_an_expectation_that_errors_counts_as_failed(ingested: Workspace, tmp_path: Path):
@@ -147,9 +149,9 @@ def test_an_expectation_that_errors_counts_as_failed(ingested: Workspace, tmp_pa
         summary = write_report(tables, checks, params, tmp_path / "report")
     for check in ("schema.license", "governance.license_present", "governance.license_allowed"):
         found = outcome(summary, "synthetic", check)
-        assert not found["success"] and found["exception"], check
-    assert 'column "license"' in outcome(summary, "synthetic", "governance.license_allowed")["exception"]
-    assert not summary["passed"]
+        assert not found.success and found.exception, check
+    assert 'column "license"' in outcome(summary, "synthetic", "governance.license_allowed").exception
+    assert not summary.passed
     assert any("raised an error" in line for line in failure_lines(summary))
 
 

@@ -5,7 +5,8 @@
   (pipeline.audit.stats); one-sided, since a domain the model serves better is no harm; and the worst domain.
 - Corruptions in the style of ImageNet-C, written for small images and any channel count: Gaussian
   noise, blur, contrast, brightness, JPEG and pixelation at 5 severities, deterministic from a seed;
-  degradation curves and a mean corruption error relative to clean images.
+  degradation curves and a mean corruption error relative to clean images, decided like every other check on
+  a bootstrap interval (see `corruption_check`).
 - Embedding drift of each held-out domain (and, as the control, of unseen in-distribution images)
   against the training images: an MMD two-sample test with an RBF kernel and a permutation p-value
   (calibrated by construction: under the null every permutation is equally likely), and the AUC of a
@@ -28,15 +29,43 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import PipelineError
-from pipeline.audit import drawn, fmt, overall_status, text, write_report
+from pipeline.artifacts import SHIFT, UNSEEN, Layout
+from pipeline.audit import overall_status, publish
 from pipeline.audit.stats import Criterion, compare, p_value_mc_error
 from pipeline.cards import card_path, load_card
-from pipeline.evaluate import SPLITS, UNSEEN, embed, linear_probe, load_model
+from pipeline.contracts import (
+    Check,
+    CorruptionPoint,
+    Corruptions,
+    Drift,
+    Estimate,
+    HeldOutDomain,
+    InDistribution,
+    MinDetectable,
+    PermutationTest,
+    Power,
+    PowerPoint,
+    ShiftDomains,
+    ShiftResult,
+)
+from pipeline.evaluate import embed, linear_probe
+from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, ShiftSettings, load_params
-from pipeline.paths import EVAL, MODEL_DIR, PREPARED, SHIFT_REPORT
-from pipeline.reconstruction import masking_noise, reconstruct, to_pixels
-from pipeline.train import to_tensor
+from pipeline.reconstruction import masking_noise, reconstruct
+from pipeline.render import (
+    checks_table,
+    corruption_sentence,
+    drawn,
+    evidence_table,
+    figure,
+    fmt,
+    inconclusive_list,
+    pyplot,
+    save_figure,
+    table,
+    text,
+)
+from pipeline.trained import load_splits, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +143,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarr
 # ---------------------------------------------------------------- drift tests (pure)
 
 def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int | np.random.Generator,
-             alpha: float | None = None, max_permutations: int | None = None) -> dict:
+             alpha: float | None = None, max_permutations: int | None = None) -> PermutationTest:
     """Squared MMD (biased V-statistic) with the RBF kernel exp(-d² / bandwidth²), the bandwidth being the median
     distance between distinct points of the pooled sample, and its permutation p-value
     (1 + #{permuted >= observed}) / (1 + permutations). Given `alpha`, the permutations double (up to
@@ -140,8 +169,8 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int | np.ran
         if alpha is None or abs(p_value - alpha) > error or done >= (max_permutations or 0):
             break
         batch = min(done, max_permutations - done)
-    return {"mmd2": observed, "p_value": p_value, "mc_error": error, "permutations": done, "bandwidth": bandwidth,
-            "n_reference": n, "n_sample": m}
+    return PermutationTest(mmd2=observed, p_value=p_value, mc_error=error, permutations=done, bandwidth=bandwidth,
+                           n_reference=n, n_sample=m)
 
 
 def domain_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
@@ -164,29 +193,30 @@ def subsample(values: np.ndarray, limit: int, rng: np.random.Generator) -> np.nd
     return values if len(values) <= limit else values[np.sort(rng.choice(len(values), limit, replace=False))]
 
 
-def drift(reference: np.ndarray, sample: np.ndarray, settings: ShiftSettings, seed: int) -> dict:
+def drift(reference: np.ndarray, sample: np.ndarray, settings: ShiftSettings, seed: int) -> Drift:
     rng = np.random.default_rng(seed)
     x, y = subsample(reference, settings.max_samples, rng), subsample(sample, settings.max_samples, rng)
-    result = mmd_test(x, y, settings.permutations, seed, settings.alpha, settings.max_permutations)
-    result["auc"] = domain_auc(x, y, settings.classifier_folds, seed)
-    if abs(result["p_value"] - settings.alpha) <= result["mc_error"]:
-        result["status"] = "inconclusive"
-        result["reason"] = (f"the p-value {result['p_value']:.4f} lies within its Monte-Carlo error "
-                            f"(±{result['mc_error']:.4f}) of alpha {settings.alpha} after {result['permutations']} "
-                            "permutations: the permutation seed, not the data, would decide")
-    elif result["p_value"] >= settings.alpha:
-        result["status"] = "pass"
-    elif result["auc"] >= settings.max_domain_auc:
-        result["status"] = "fail"
+    test = mmd_test(x, y, settings.permutations, seed, settings.alpha, settings.max_permutations)
+    auc = domain_auc(x, y, settings.classifier_folds, seed)
+    reason = None
+    if abs(test.p_value - settings.alpha) <= test.mc_error:
+        status = "inconclusive"
+        reason = (f"the p-value {test.p_value:.4f} lies within its Monte-Carlo error (±{test.mc_error:.4f}) of alpha "
+                  f"{settings.alpha} after {test.permutations} permutations: the permutation seed, not the data, "
+                  "would decide")
+    elif test.p_value >= settings.alpha:
+        status = "pass"
+    elif auc >= settings.max_domain_auc:
+        status = "fail"
     else:
-        result["status"] = "inconclusive"
-        result["reason"] = (f"significant drift (p {result['p_value']:.4f}) with a domain-classifier AUC of "
-                            f"{result['auc']:.3f}, below {settings.max_domain_auc}: a small shift")
-    return result
+        status = "inconclusive"
+        reason = (f"significant drift (p {test.p_value:.4f}) with a domain-classifier AUC of {auc:.3f}, below "
+                  f"{settings.max_domain_auc}: a small shift")
+    return Drift(**dict(test), auc=auc, status=status, reason=reason)
 
 
 def drift_power(reference: np.ndarray, in_distribution: np.ndarray, shifted: np.ndarray, n: int, m: int,
-                settings: ShiftSettings, seed: int) -> dict:
+                settings: ShiftSettings, seed: int) -> Power:
     """What a drift test of `n` training against `m` other images could have found: the share of `shifted`
     (held-out-domain) embeddings mixed into in-distribution ones that the same test detects at settings.alpha,
     in settings.power_trials simulations per share (with settings.power_permutations permutations each, fewer
@@ -196,64 +226,67 @@ def drift_power(reference: np.ndarray, in_distribution: np.ndarray, shifted: np.
     for share in settings.power_shares:
         k = int(round(share * m))
         if k > len(shifted) or m - k > len(in_distribution):
-            curve.append({"share": share, "power": None, "note": "not enough images to mix at this share"})
+            curve.append(PowerPoint(share=share, power=None, note="not enough images to mix at this share"))
             continue
         detected = 0
         for _ in range(settings.power_trials):
             x = subsample(reference, n, rng)
             y = np.concatenate([subsample(in_distribution, m - k, rng), subsample(shifted, k, rng)])
-            detected += mmd_test(x, y, settings.power_permutations, rng)["p_value"] < settings.alpha
-        curve.append({"share": share, "power": detected / settings.power_trials})
-    reached = [point["share"] for point in curve if point["power"] is not None and point["power"] >= settings.power]
-    return {"curve": curve, "detectable_share": min(reached, default=None), "target": settings.power,
-            "trials": settings.power_trials, "permutations": settings.power_permutations,
-            "n_reference": n, "n_sample": m}
+            detected += mmd_test(x, y, settings.power_permutations, rng).p_value < settings.alpha
+        curve.append(PowerPoint(share=share, power=detected / settings.power_trials))
+    reached = [point.share for point in curve if point.power is not None and point.power >= settings.power]
+    return Power(curve=curve, detectable_share=min(reached, default=None), target=settings.power,
+                 trials=settings.power_trials, permutations=settings.power_permutations, n_reference=n, n_sample=m)
 
 
-# ---------------------------------------------------------------- the stage
+# ---------------------------------------------------------------- the checks
 
-def domain_checks(samples: pd.DataFrame, held_out: list[str], settings: ShiftSettings) -> tuple[dict, list[dict]]:
+DOMAINS_DETAIL = f"{SHIFT}/shift.md#domains"
+
+
+def domain_checks(samples: pd.DataFrame, held_out: list[str],
+                  settings: ShiftSettings) -> tuple[ShiftDomains, list[Check]]:
     """Each held-out domain's reconstruction error and probe accuracy against unseen in-distribution images."""
     unseen = samples[samples["split"].isin(UNSEEN)]
     shifted = samples[samples["split"] == "heldout"]
     labelled = samples["probe_correct"].notna().any()
-    report: dict = {"in_distribution": {"count": int(len(unseen)), "recon_mse": float(unseen["recon_mse"].mean()),
-                                        "probe_accuracy": float(unseen["probe_correct"].mean()) if labelled else None}}
     measured = [d for d in held_out if (shifted["domain"] == d).sum() >= 2]
     tests = {"error": ("recon_mse", "relative", "relative error increase (domain / in-distribution - 1)",
                        Criterion(settings.max_relative_error_increase, "higher", equivalence=False)),
              "accuracy": ("probe_correct", "difference", "probe accuracy difference (domain - in-distribution)",
                           Criterion(settings.max_accuracy_drop, "lower", equivalence=False))}
-    checks = []
+    entries, checks = {}, []
     for offset, domain in enumerate(held_out):
         part = shifted[shifted["domain"] == domain]
-        entry: dict = {"count": int(len(part))}
-        report[domain] = entry
         if domain not in measured:
-            checks.append({"id": f"shift.error.{domain}", "status": "inconclusive", "statistic": tests["error"][2],
-                           "value": None, "interval": None, "threshold": settings.max_relative_error_increase,
-                           "reason": f"{len(part)} images of this domain", "detail": "reports/shift/shift.md#domains"})
+            entries[domain] = HeldOutDomain(count=len(part))
+            checks.append(Check(id=f"shift.error.{domain}", area="shift", status="inconclusive",
+                                statistic=tests["error"][2], threshold=settings.max_relative_error_increase,
+                                reason=f"{len(part)} images of this domain", detail=DOMAINS_DETAIL))
             continue
-        entry["recon_mse"] = float(part["recon_mse"].mean())
-        if labelled:
-            entry["probe_accuracy"] = float(part["probe_correct"].mean())
+        estimates = {}
         for name, (column, kind, statistic, criterion) in tests.items():
             if column == "probe_correct" and not labelled:
                 continue
             result = compare(unseen[column].to_numpy(), part[column].to_numpy(), kind, criterion, settings,
                              seed=[settings.seed, offset], comparisons=len(measured), adjustment=settings.adjustment)
-            entry[f"{name}_comparison"] = {"value": result["value"], "interval": result["interval"]}
-            checks.append({"id": f"shift.{name}.{domain}", "statistic": statistic,
-                           "reference": "in-distribution (val, test)", **result, "threshold": criterion.threshold,
-                           "detail": "reports/shift/shift.md#domains"})
-    measured_entries = {d: e for d, e in report.items() if d != "in_distribution" and "recon_mse" in e}
-    if measured_entries:
-        report["worst_domain"] = max(measured_entries, key=lambda d: measured_entries[d]["recon_mse"])
-    return report, checks
+            estimates[f"{name}_comparison"] = Estimate(value=result.value, interval=result.interval)
+            checks.append(Check.decided(result, id=f"shift.{name}.{domain}", area="shift", statistic=statistic,
+                                        reference="in-distribution (val, test)", threshold=criterion.threshold,
+                                        detail=DOMAINS_DETAIL))
+        entries[domain] = HeldOutDomain(count=len(part), recon_mse=float(part["recon_mse"].mean()),
+                                        probe_accuracy=float(part["probe_correct"].mean()) if labelled else None,
+                                        **estimates)
+    errors = {d: e.recon_mse for d, e in entries.items() if e.recon_mse is not None}
+    domains = ShiftDomains(in_distribution=InDistribution(
+        count=len(unseen), recon_mse=float(unseen["recon_mse"].mean()),
+        probe_accuracy=float(unseen["probe_correct"].mean()) if labelled else None), held_out=entries,
+        worst_domain=max(errors, key=errors.get) if errors else None)
+    return domains, checks
 
 
 def drift_checks(samples: pd.DataFrame, embeddings: np.ndarray, held_out: list[str],
-                 settings: ShiftSettings) -> tuple[dict, list[dict]]:
+                 settings: ShiftSettings) -> tuple[dict[str, Drift], list[Check]]:
     """Held-out domains against the training features, and unseen in-distribution images as the control; a
     test that found nothing also reports its power against held-out images mixed into in-distribution ones."""
     reference = embeddings[(samples["split"] == "train").to_numpy()]
@@ -269,85 +302,107 @@ def drift_checks(samples: pd.DataFrame, embeddings: np.ndarray, held_out: list[s
         if rows.sum() < 2:
             continue
         result = drift(reference, embeddings[rows], settings, settings.seed + offset)
-        check = {"id": f"shift.drift.{name.split(' ')[0]}", "status": result["status"],
-                 "statistic": "MMD permutation p-value / domain-classifier AUC", "value": result["auc"],
-                 "p_value": result["p_value"], "mc_error": result["mc_error"],
-                 "permutations": result["permutations"], "interval": None, "threshold": settings.max_domain_auc,
-                 "alpha": settings.alpha, "reference": "training images",
-                 "detail": "reports/shift/shift.md#embedding-drift"}
-        if result["p_value"] >= settings.alpha:
+        reason, minimum = result.reason, None
+        if result.p_value >= settings.alpha:
             if source.sum() >= 2:
-                result["power"] = drift_power(reference, embeddings[unseen], embeddings[source],
-                                              result["n_reference"], result["n_sample"], settings,
-                                              settings.seed + offset)
-                check["power"] = result["power"]
-                check["min_detectable"] = {
-                    "value": result["power"]["detectable_share"],
-                    "definition": f"smallest share of held-out-domain images among {result['n_sample']} "
-                                  f"in-distribution ones that this test detects (p < {settings.alpha}) with "
-                                  f"{settings.power:.0%} power against {result['n_reference']} training images "
-                                  f"(simulated, {settings.power_trials} trials per share)"}
+                result.power = drift_power(reference, embeddings[unseen], embeddings[source], result.n_reference,
+                                           result.n_sample, settings, settings.seed + offset)
+                minimum = MinDetectable(
+                    value=result.power.detectable_share,
+                    definition=f"smallest share of held-out-domain images among {result.n_sample} in-distribution "
+                               f"ones that this test detects (p < {settings.alpha}) with {settings.power:.0%} power "
+                               f"against {result.n_reference} training images (simulated, {settings.power_trials} "
+                               "trials per share)")
             else:
-                check["power"] = None
-                check["reason"] = "no held-out-domain images to simulate a shift with: the test's power is unknown"
-        if "reason" in result:
-            check["reason"] = result["reason"]
+                reason = reason or "no held-out-domain images to simulate a shift with: the test's power is unknown"
         report[name] = result
-        checks.append(check)
+        checks.append(Check(id=f"shift.drift.{name.split(' ')[0]}", area="shift", status=result.status,
+                            statistic="MMD permutation p-value / domain-classifier AUC", value=result.auc,
+                            p_value=result.p_value, mc_error=result.mc_error, permutations=result.permutations,
+                            threshold=settings.max_domain_auc, alpha=settings.alpha, reference="training images",
+                            power=result.power, min_detectable=minimum, reason=reason,
+                            detail=f"{SHIFT}/shift.md#embedding-drift"))
     return report, checks
 
 
-def corruption_suite(model, images: np.ndarray, labels: np.ndarray | None, probe, mean, std, mask_ratio: float,
-                     pool: str, settings: ShiftSettings) -> dict:
+def corruption_suite(model, images: np.ndarray, labels: np.ndarray | None, probe, normalisation: Normalisation,
+                     mask_ratio: float, pool: str,
+                     settings: ShiftSettings) -> tuple[Corruptions, np.ndarray, np.ndarray]:
     """Reconstruction error and probe accuracy of clean and corrupted copies of the same images, same masks.
     The error is against the clean image: how far what the model fills in from a corrupted view is from the
-    truth (measured against the corrupted input, blur and low contrast would look like improvements)."""
+    truth (measured against the corrupted input, blur and low contrast would look like improvements). Returns
+    the summary and, per image, the clean error and the mean error over every corruption and severity."""
     noise = masking_noise(len(images), model.patch_embed.num_patches, settings.seed)
-    clean_tensor = to_tensor(images, mean, std)
+    clean_tensor = normalisation.normalise(images)
 
-    def measure(pixels: np.ndarray) -> dict:
-        tensor = to_tensor(pixels, mean, std)
-        entry = {"recon_mse": float(reconstruct(model, tensor, noise, mask_ratio, mean, std,
-                                                reference=clean_tensor).mse.mean())}
+    def measure(pixels: np.ndarray) -> tuple[CorruptionPoint, np.ndarray]:
+        tensor = normalisation.normalise(pixels)
+        errors = reconstruct(model, tensor, noise, mask_ratio, normalisation,
+                             reference=clean_tensor).mse.numpy().astype(np.float64)
+        accuracy = None
         if probe is not None:
-            entry["probe_accuracy"] = float(np.mean(probe.predict(embed(model, tensor, pool, 256)) == labels))
-        return entry
+            accuracy = float(np.mean(probe.predict(embed(model, tensor, pool, 256)) == labels))
+        return CorruptionPoint(recon_mse=float(errors.mean()), probe_accuracy=accuracy), errors
 
-    clean = measure(images)
-    curves = {name: [measure(corrupt(images, name, s, settings.seed)) for s in SEVERITIES] for name in CORRUPTIONS}
-    result = {"images": int(len(images)), "clean": clean, "curves": curves}
+    clean, clean_errors = measure(images)
+    curves, corrupted_errors = {}, []
+    for name in CORRUPTIONS:
+        curves[name] = []
+        for severity in SEVERITIES:
+            point, errors = measure(corrupt(images, name, severity, settings.seed))
+            curves[name].append(point)
+            corrupted_errors.append(errors)
     # mean corruption error relative to clean images: 1 means no degradation (ImageNet-C's CE, with the
     # clean model as the reference instead of AlexNet)
-    result["relative_mce_reconstruction"] = float(np.mean(
-        [[point["recon_mse"] / clean["recon_mse"] for point in curve] for curve in curves.values()]))
+    relative_probe = None
     if probe is not None:
-        clean_error = max(1 - clean["probe_accuracy"], 1e-6)
-        result["relative_mce_probe"] = float(np.mean(
-            [[(1 - point["probe_accuracy"]) / clean_error for point in curve] for curve in curves.values()]))
-    return result
+        clean_error = max(1 - clean.probe_accuracy, 1e-6)
+        relative_probe = float(np.mean([[(1 - p.probe_accuracy) / clean_error for p in curve]
+                                        for curve in curves.values()]))
+    suite = Corruptions(images=len(images), clean=clean, curves=curves,
+                        relative_mce_reconstruction=float(np.mean([[p.recon_mse / clean.recon_mse for p in curve]
+                                                                   for curve in curves.values()])),
+                        relative_mce_probe=relative_probe)
+    return suite, clean_errors, np.mean(corrupted_errors, axis=0)
 
 
-def overtrust_figure(model, rows: list[tuple[str, np.ndarray]], mean, std, settings: ShiftSettings):
+def corruption_check(clean: np.ndarray, corrupted: np.ndarray, settings: ShiftSettings) -> Check:
+    """The mean corruption error relative to clean images, with a bootstrap interval like every decided check.
+
+    The unit is the image: each image's clean hidden-pixel error and its mean error over the 30 corrupted versions
+    (6 corruptions x 5 severities, same masks) are one pair. The statistic is the ratio of the two means, which is
+    exactly the reported relative mCE (a mean over corruptions of mean corrupted / mean clean error, since every
+    corruption is applied to the same images). The pairs are resampled together (paired percentile bootstrap:
+    an image's clean and corrupted errors are correlated, so resampling them apart would overstate the spread),
+    and the check is one-sided (non-inferiority): only an error ratio above `audit_shift.max_relative_mce` is
+    harmful; a corruption that lowers the error is no harm."""
+    criterion = Criterion(settings.max_relative_mce, "higher", equivalence=False)
+    comparison = compare(clean, corrupted, "ratio", criterion, settings, seed=settings.seed, paired=True)
+    return Check.decided(comparison, id="shift.corruptions", area="shift",
+                         statistic="mean corruption error / clean error (reconstruction)",
+                         reference="the same images, clean", threshold=settings.max_relative_mce,
+                         detail=f"{SHIFT}/shift.md#corruptions")
+
+
+# ---------------------------------------------------------------- figures and report
+
+def overtrust_figure(model, rows: list[tuple[str, np.ndarray]], normalisation: Normalisation, settings: ShiftSettings):
     """One row per image (in-domain, out-of-domain, corrupted); one column per mask ratio, each labelled with
     its hidden-pixel error: plausible-looking output is not evidence of a good reconstruction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ratios = settings.mask_ratios
-    figure, axes = plt.subplots(len(rows), len(ratios) + 1, figsize=(1.6 * (len(ratios) + 1), 1.7 * len(rows)),
-                                squeeze=False)
+    shown, axes = plt.subplots(len(rows), len(ratios) + 1, figsize=(1.6 * (len(ratios) + 1), 1.7 * len(rows)),
+                               squeeze=False)
     cmap = "gray" if model.in_chans == 1 else None
     for r, (label, pixels) in enumerate(rows):
-        image = to_tensor(pixels[None], mean, std)
+        image = normalisation.normalise(pixels[None])
         axes[r, 0].imshow(pixels.squeeze(), cmap=cmap, vmin=0, vmax=255)
         axes[r, 0].set_ylabel(drawn(label), fontsize=7)
         for c, ratio in enumerate(ratios, start=1):
             result = reconstruct(model, image, masking_noise(1, model.patch_embed.num_patches, settings.seed + r),
-                                 ratio, mean, std)
-            shown = to_pixels(result.pasted, mean, std)[0].clamp(0, 1).permute(1, 2, 0).numpy().squeeze()
-            axes[r, c].imshow(shown, cmap=cmap, vmin=0, vmax=1)
+                                 ratio, normalisation)
+            pasted = normalisation.denormalise(result.pasted)[0].clamp(0, 1).permute(1, 2, 0).numpy().squeeze()
+            axes[r, c].imshow(pasted, cmap=cmap, vmin=0, vmax=1)
             axes[r, c].set_xlabel(f"MSE {float(result.mse[0]):.4f}", fontsize=7)
             if r == 0:
                 axes[r, c].set_title(f"mask {ratio:.0%}", fontsize=8)
@@ -355,135 +410,101 @@ def overtrust_figure(model, rows: list[tuple[str, np.ndarray]], mean, std, setti
         for axis in axes[r]:
             axis.set_xticks([])
             axis.set_yticks([])
-    figure.suptitle("Reconstructions look plausible while the error grows: read the numbers, not the pictures",
-                    fontsize=8)
-    figure.tight_layout()
-    return figure
+    shown.suptitle("Reconstructions look plausible while the error grows: read the numbers, not the pictures",
+                   fontsize=8)
+    shown.tight_layout()
+    return shown
 
 
-def curves_figure(suite: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in ("recon_mse", "probe_accuracy") if k in suite["clean"]]
-    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+def curves_figure(suite: Corruptions):
+    plt = pyplot()
+    keys = ["recon_mse"] + (["probe_accuracy"] if suite.clean.probe_accuracy is not None else [])
+    shown, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for axis, key in zip(axes[0], keys):
-        for name, curve in suite["curves"].items():
-            axis.plot(SEVERITIES, [point[key] for point in curve], marker="o", label=name)
-        axis.axhline(suite["clean"][key], color="black", linestyle="--", linewidth=1, label="clean")
+        for name, curve in suite.curves.items():
+            axis.plot(SEVERITIES, [getattr(point, key) for point in curve], marker="o", label=name)
+        axis.axhline(getattr(suite.clean, key), color="black", linestyle="--", linewidth=1, label="clean")
         axis.set_xlabel("severity")
         axis.set_ylabel(key.replace("_", " "))
         axis.set_xticks(SEVERITIES)
         axis.legend(fontsize=7)
-    figure.suptitle(f"Corruption robustness on {suite['images']} unseen images", fontsize=9)
-    figure.tight_layout()
-    return figure
+    shown.suptitle(f"Corruption robustness on {suite.images} unseen images", fontsize=9)
+    shown.tight_layout()
+    return shown
 
 
-def markdown(result: dict) -> str:
-    lines = [f"# Domain-shift audit: {text(result['dataset'])}", "", f"**Status: {result['status'].upper()}**", "",
+def markdown(result: ShiftResult) -> str:
+    lines = [f"# Domain-shift audit: {text(result.dataset)}", "", f"**Status: {result.status.upper()}**", "",
              "Domain checks compare each held-out domain with unseen in-distribution images, signed, one-sided (a "
              "domain served better is no harm): a check passes when its whole interval lies short of the threshold "
              "in the harmful direction, fails when it lies wholly beyond it, and is inconclusive otherwise. "
-             f"Intervals are at {result['confidence']:.0%} over the held-out domains ({result['adjustment']}). The "
+             f"Intervals are at {result.confidence:.0%} over the held-out domains ({result.adjustment}). The "
              "Monte-Carlo error is the half-width of a bound's (or the p-value's) 99.9% Monte-Carlo interval; "
              "resamples and permutations double while it reaches the threshold. A drift test that found nothing "
-             "states the share of held-out images it detects with the target power.", "",
-             "| check | status | statistic | value | interval | confidence | p-value | Monte-Carlo error | "
-             "resamples | smallest detectable | threshold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in result["checks"]:
-        confidence = c.get("confidence")
-        lines.append(f"| {text(c['id'])} | {c['status']} | {c['statistic']} | {fmt(c.get('value'))} | "
-                     f"{fmt(c.get('interval'))} | {'—' if confidence is None else f'{confidence:.2%}'} | "
-                     f"{fmt(c.get('p_value'))} | {fmt(c.get('mc_error'))} | "
-                     f"{fmt(c.get('n_boot', c.get('permutations')))} | "
-                     f"{fmt((c.get('min_detectable') or {}).get('value'))} | {c['threshold']} |")
-    reasons = [c for c in result["checks"] if c.get("reason") and c["status"] == "inconclusive"]
-    if reasons:
-        lines += ["", "Inconclusive:", ""] + [f"- {text(c['id'])}: {text(c['reason'])}" for c in reasons]
-    lines += ["", "## Domains", ""]
-    domains = result["domains"]
-    lines.append(f"In distribution (unseen val / test): {domains['in_distribution']['count']} images, "
-                 f"reconstruction MSE {fmt(domains['in_distribution']['recon_mse'])}, probe accuracy "
-                 f"{fmt(domains['in_distribution']['probe_accuracy'], 3)}.")
-    for name, entry in domains.items():
-        if name in ("in_distribution", "worst_domain"):
-            continue
-        lines.append(f"- {text(name)}: {entry['count']} images, MSE {fmt(entry.get('recon_mse'))}, relative increase "
-                     f"{fmt((entry.get('error_comparison') or {}).get('value'))} "
-                     f"{fmt((entry.get('error_comparison') or {}).get('interval'))}; probe accuracy "
-                     f"{fmt(entry.get('probe_accuracy'), 3)}, difference "
-                     f"{fmt((entry.get('accuracy_comparison') or {}).get('value'))} "
-                     f"{fmt((entry.get('accuracy_comparison') or {}).get('interval'))}")
-    if "worst_domain" in domains:
-        lines.append(f"\nWorst domain by reconstruction error: **{text(domains['worst_domain'])}**.")
-    lines += ["", "## Embedding drift", "", "| compared with training | images | MMD² | bandwidth | p-value | "
-              "permutations | domain AUC | status |", "|---|---|---|---|---|---|---|---|"]
-    for name, entry in result["drift"].items():
-        lines.append(f"| {text(name)} | {entry['n_reference']} / {entry['n_sample']} | {entry['mmd2']:.5f} | "
-                     f"{entry['bandwidth']:.4f} | {entry['p_value']:.4f} ± {entry['mc_error']:.4f} | "
-                     f"{entry['permutations']} | {entry['auc']:.3f} | {entry['status']} |")
-    for name, entry in result["drift"].items():
-        power = entry.get("power")
+             "states the share of held-out images it detects with the target power.", ""]
+    if result.note:
+        lines += [text(result.note), ""]
+    lines += checks_table(result.checks) + evidence_table(result.checks) + inconclusive_list(result.checks)
+    domains = result.domains
+    inside = domains.in_distribution
+    lines += ["## Domains", "", f"In distribution (unseen val / test): {inside.count} images, reconstruction MSE "
+              f"{fmt(inside.recon_mse)}, probe accuracy {fmt(inside.probe_accuracy, 3)}.", ""]
+    lines += table(["held-out domain", "images", "MSE", "relative increase", "interval", "probe accuracy",
+                    "difference", "interval"],
+                   [[text(name), entry.count, fmt(entry.recon_mse),
+                     fmt(entry.error_comparison and entry.error_comparison.value),
+                     fmt(entry.error_comparison and entry.error_comparison.interval), fmt(entry.probe_accuracy, 3),
+                     fmt(entry.accuracy_comparison and entry.accuracy_comparison.value),
+                     fmt(entry.accuracy_comparison and entry.accuracy_comparison.interval)]
+                    for name, entry in domains.held_out.items()])
+    if domains.worst_domain is not None:
+        lines += [f"Worst domain by reconstruction error: **{text(domains.worst_domain)}**.", ""]
+    lines += ["## Embedding drift", ""]
+    lines += table(["compared with training", "images", "MMD²", "bandwidth", "p-value", "permutations", "domain AUC",
+                    "status"],
+                   [[text(name), f"{entry.n_reference} / {entry.n_sample}", f"{entry.mmd2:.5f}",
+                     f"{entry.bandwidth:.4f}", f"{entry.p_value:.4f} ± {entry.mc_error:.4f}", entry.permutations,
+                     f"{entry.auc:.3f}", entry.status] for name, entry in result.drift.items()])
+    for name, entry in result.drift.items():
+        power = entry.power
         if power:
-            found = power["detectable_share"]
-            lines += ["", f"Power of the {text(name)} test ({power['n_reference']} training against "
-                      f"{power['n_sample']} images, {power['trials']} simulations per share, {power['permutations']} "
-                      f"permutations each): held-out images mixed in at "
-                      + ", ".join(f"{point['share']:.0%}: {fmt(point['power'], 2)}" for point in power["curve"])
-                      + (f". It detects a {found:.0%} share with {power['target']:.0%} power." if found is not None
-                         else f". No share tried reaches {power['target']:.0%} power.")]
-    suite = result["corruptions"]
-    lines += ["", "## Corruptions", "", "![corruption curves](corruption_curves.png)", "",
-              f"Mean corruption error relative to clean images (1 = no degradation): reconstruction "
-              f"{suite['relative_mce_reconstruction']:.3f}"
-              + (f", probe error {suite['relative_mce_probe']:.3f}" if "relative_mce_probe" in suite else "") + ".", "",
-              "| corruption | " + " | ".join(f"severity {s}" for s in SEVERITIES) + " |",
-              "|---|" + "---|" * len(SEVERITIES)]
-    for name, curve in suite["curves"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(point["recon_mse"]) for point in curve) + " |")
-    lines += ["", "## Overtrust", "", "![overtrust](overtrust.png)", "",
-              "Each reconstruction is labelled with its hidden-pixel error; out-of-domain and corrupted images can "
+            found = power.detectable_share
+            lines += [f"Power of the {text(name)} test ({power.n_reference} training against {power.n_sample} images, "
+                      f"{power.trials} simulations per share, {power.permutations} permutations each): held-out "
+                      "images mixed in at " + ", ".join(f"{p.share:.0%}: {fmt(p.power, 2)}" for p in power.curve)
+                      + (f". It detects a {found:.0%} share with {power.target:.0%} power." if found is not None
+                         else f". No share tried reaches {power.target:.0%} power."), ""]
+    suite = result.corruptions
+    check = next(c for c in result.checks if c.id == "shift.corruptions")
+    lines += ["## Corruptions", ""] + figure("corruption_curves.png", "corruption curves")
+    lines += [corruption_sentence(suite, check), ""]
+    lines += table(["corruption"] + [f"severity {s}" for s in SEVERITIES],
+                   [[name] + [fmt(point.recon_mse) for point in curve] for name, curve in suite.curves.items()])
+    lines += ["## Overtrust", ""] + figure("overtrust.png", "overtrust")
+    lines += ["Each reconstruction is labelled with its hidden-pixel error; out-of-domain and corrupted images can "
               "look as convincing as in-domain ones."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip() + "\n"
 
 
-def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), eval_dir: Path = EVAL,
-                prepared: Path = PREPARED, model_dir: Path = MODEL_DIR, out: Path = SHIFT_REPORT,
-                log_to_mlflow: bool = True) -> dict:
-    import matplotlib.pyplot as plt
-
+def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), layout: Layout = Layout(),
+                log_to_mlflow: bool = True) -> ShiftResult:
     params = load_params(params_path)
     settings, evaluation = params.audit_shift, params.evaluate
     torch.set_num_threads(evaluation.threads)
-    model, config = load_model(model_dir)
-    dataset = config["dataset"]
-    card = load_card(card_path(dataset, cards_dir))
-    mean, std = np.asarray(config["normalisation"]["mean"]), np.asarray(config["normalisation"]["std"])
-    try:
-        samples = pd.read_parquet(eval_dir / "samples.parquet")
-        embeddings = np.load(eval_dir / "embeddings.npz")["mae"]
-        pixels = {split: np.load(prepared / dataset / f"{split}.npy") for split in SPLITS}
-        records = {split: pd.read_parquet(prepared / dataset / f"{split}.parquet") for split in SPLITS}
-    except FileNotFoundError as exc:
-        raise PipelineError(f"{exc.filename}: not found; run `dvc repro evaluate` first") from None
+    trained = load_trained(layout)
+    model, normalisation = trained.model, trained.normalisation
+    card = load_card(card_path(trained.dataset, cards_dir))
+    samples, embeddings = layout.samples(), layout.embeddings("mae")
+    splits = load_splits(layout, trained.dataset)
     held_out = list(card.domains.held_out)
-    result: dict = {"dataset": dataset, "held_out_domains": held_out, "alpha": settings.alpha,
-                    "confidence": settings.confidence, "adjustment": settings.adjustment, "n_boot": settings.n_boot,
-                    "max_n_boot": settings.max_n_boot, "permutations": settings.permutations,
-                    "max_permutations": settings.max_permutations, "power": settings.power, "checks": []}
-    if not held_out:
-        result["note"] = f"card {dataset} holds out no domain: only corruptions and the control are audited"
-    result["domains"], checks = domain_checks(samples, held_out, settings)
-    result["checks"] += checks
-    result["drift"], checks = drift_checks(samples, embeddings, held_out, settings)
-    result["checks"] += checks
+    domains, checks = domain_checks(samples, held_out, settings)
+    drifts, found = drift_checks(samples, embeddings, held_out, settings)
+    checks += found
 
     # the corruption suite runs on a seeded subset of unseen in-distribution images
-    unseen_pixels = np.concatenate([pixels[s] for s in UNSEEN])
-    unseen_records = pd.concat([records[s] for s in UNSEEN], ignore_index=True)
+    unseen = [splits[s] for s in UNSEEN if s in splits]
+    unseen_pixels = np.concatenate([s.pixels for s in unseen])
+    unseen_records = pd.concat([s.records for s in unseen], ignore_index=True)
     chosen = np.sort(np.random.default_rng(settings.seed).permutation(len(unseen_pixels))[:settings.corruption_images])
     probe, labels = None, None
     if samples["probe_correct"].notna().any():
@@ -491,32 +512,34 @@ def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data
         probe = linear_probe(embeddings[train], samples.loc[train, "label"].to_numpy(), evaluation.probe_c,
                              evaluation.probe_max_iter)
         labels = unseen_records["label"].to_numpy()[chosen]
-    suite = corruption_suite(model, unseen_pixels[chosen], labels, probe, mean, std, evaluation.mask_ratio,
-                             evaluation.pool, settings)
-    result["corruptions"] = suite
-    result["checks"].append({
-        "id": "shift.corruptions", "status": "fail" if suite["relative_mce_reconstruction"] > settings.max_relative_mce
-        else "pass", "statistic": "mean corruption error relative to clean (reconstruction)",
-        "value": suite["relative_mce_reconstruction"], "interval": None, "threshold": settings.max_relative_mce,
-        "detail": "reports/shift/shift.md#corruptions"})
-    result["status"] = overall_status([c["status"] for c in result["checks"]])
+    suite, clean_errors, corrupted_errors = corruption_suite(model, unseen_pixels[chosen], labels, probe,
+                                                             normalisation, evaluation.mask_ratio, evaluation.pool,
+                                                             settings)
+    checks.append(corruption_check(clean_errors, corrupted_errors, settings))
+    result = ShiftResult(
+        dataset=trained.dataset, held_out_domains=held_out, alpha=settings.alpha, confidence=settings.confidence,
+        adjustment=settings.adjustment, n_boot=settings.n_boot, max_n_boot=settings.max_n_boot,
+        permutations=settings.permutations, max_permutations=settings.max_permutations, power=settings.power,
+        note=None if held_out else f"card {trained.dataset} holds out no domain: only corruptions and the control "
+                                   "are audited",
+        domains=domains, drift=drifts, corruptions=suite, checks=checks,
+        status=overall_status([c.status for c in checks]))
 
+    out = layout.shift
     out.mkdir(parents=True, exist_ok=True)
-    figure = curves_figure(suite)
-    figure.savefig(out / "corruption_curves.png", dpi=110)
-    plt.close(figure)
+    save_figure(curves_figure(suite), out / "corruption_curves.png")
     rows = [(f"in-domain {r.domain}", unseen_pixels[i]) for i, r in
             zip(chosen[:settings.overtrust_images], unseen_records.iloc[chosen[:settings.overtrust_images]].itertuples())]
-    for domain in held_out:
-        index = np.flatnonzero(records["heldout"]["domain"].to_numpy() == domain)[:settings.overtrust_images]
-        rows += [(f"held out {domain}", pixels["heldout"][i]) for i in index]
+    if "heldout" in splits:
+        heldout = splits["heldout"]
+        for domain in held_out:
+            index = np.flatnonzero(heldout.records["domain"].to_numpy() == domain)[:settings.overtrust_images]
+            rows += [(f"held out {domain}", heldout.pixels[i]) for i in index]
     if len(chosen):
         rows.append(("noise severity 3", corrupt(unseen_pixels[chosen[:1]], "gaussian_noise", 3, settings.seed)[0]))
-    figure = overtrust_figure(model, rows, mean, std, settings)
-    figure.savefig(out / "overtrust.png", dpi=110)
-    plt.close(figure)
-    write_report(out, "shift", result, markdown(result), model_dir / "run.json" if log_to_mlflow else None)
-    for check in result["checks"]:
-        log.info("%s: %s (%s %s%s)", check["id"], check["status"], check["statistic"], fmt(check.get("value")),
-                 f", p {check['p_value']:.4f}" if "p_value" in check else "")
+    save_figure(overtrust_figure(model, rows, normalisation, settings), out / "overtrust.png")
+    publish(out, "shift", result, markdown(result), layout.run_file if log_to_mlflow else None)
+    for check in result.checks:
+        log.info("%s: %s (%s %s%s)", check.id, check.status, check.statistic, fmt(check.value),
+                 f", p {check.p_value:.4f}" if check.p_value is not None else "")
     return result

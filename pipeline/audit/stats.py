@@ -1,7 +1,9 @@
 """Statistics every audit check shares, so bias, shift and memorization decide the same way.
 
-- `compare`: a signed statistic of a sample against a stated reference (difference or relative difference of
-  means), with an independent-resampling percentile bootstrap interval, adjusted for multiple comparisons.
+- `compare`: a signed statistic of a sample against a stated reference (difference, relative difference or ratio
+  of means), with a percentile bootstrap interval (each side resampled on its own, or, for paired measurements of
+  the same units, the pairs resampled together), adjusted for multiple comparisons. It is the one bootstrap of a
+  difference in the pipeline: bias, shift (domains and corruptions) and memorization all call it.
 - `decide`: an equivalence test (pass only when the whole interval lies within ±threshold) or a one-sided
   non-inferiority test (where doing better is no harm); fail only when the whole interval lies beyond the
   threshold in the harmful direction; otherwise inconclusive.
@@ -20,6 +22,8 @@ from typing import Literal, Sequence, get_args
 
 import numpy as np
 
+from pipeline.contracts import Adjustment as AdjustmentInfo
+from pipeline.contracts import Comparison, MinDetectable
 from pipeline.params import Adjustment, BootstrapSettings
 
 MC_LEVEL = 0.999  # the Monte-Carlo error of a bound: the half-width of its 99.9% Monte-Carlo interval
@@ -33,7 +37,11 @@ def _relative(reference, sample, axis=-1):
     return sample.mean(axis=axis) / reference.mean(axis=axis) - 1
 
 
-STATISTICS = {"difference": _difference, "relative": _relative}
+def _ratio(reference, sample, axis=-1):
+    return sample.mean(axis=axis) / reference.mean(axis=axis)
+
+
+STATISTICS = {"difference": _difference, "relative": _relative, "ratio": _ratio}
 
 
 @dataclass(frozen=True)
@@ -144,16 +152,21 @@ def min_detectable(distribution: np.ndarray, confidence: float, power: float) ->
 
 def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion: Criterion,
             settings: BootstrapSettings, seed: int | Sequence[int], comparisons: int = 1,
-            adjustment: Adjustment = "none") -> dict:
-    """`statistic` ("difference": mean(sample) - mean(reference); "relative": mean(sample) / mean(reference) - 1)
-    with a percentile bootstrap interval (each side resampled independently) at the confidence adjusted for
-    `comparisons`, decided against `criterion`. Resamples start at settings.n_boot and double while a bound
-    sits within its Monte-Carlo error of the threshold, up to settings.max_n_boot."""
+            adjustment: Adjustment = "none", paired: bool = False) -> Comparison:
+    """`statistic` ("difference": mean(sample) - mean(reference); "relative": mean(sample) / mean(reference) - 1;
+    "ratio": mean(sample) / mean(reference)) with a percentile bootstrap interval at the confidence adjusted for
+    `comparisons`, decided against `criterion`. Each side is resampled on its own, unless `paired` (sample[i] and
+    reference[i] measure the same unit, which is then resampled as a pair). Resamples start at settings.n_boot
+    and double while a bound sits within its Monte-Carlo error of the threshold, up to settings.max_n_boot."""
     from scipy.stats import bootstrap
 
     reference = np.asarray(reference, dtype=np.float64)
     sample = np.asarray(sample, dtype=np.float64)
-    reference, sample = reference[~np.isnan(reference)], sample[~np.isnan(sample)]
+    if paired:
+        kept = ~(np.isnan(reference) | np.isnan(sample))
+        reference, sample = reference[kept], sample[kept]
+    else:
+        reference, sample = reference[~np.isnan(reference)], sample[~np.isnan(sample)]
     function = STATISTICS[statistic]
     confidence = adjusted_confidence(settings.confidence, comparisons, adjustment)
     quantiles = ((1 - confidence) / 2, (1 + confidence) / 2)
@@ -163,7 +176,7 @@ def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion
         result, added = None, settings.n_boot
         while True:
             result = bootstrap((reference, sample), function, n_resamples=added, batch=1000, vectorized=True,
-                               paired=False, confidence_level=confidence, method="percentile",
+                               paired=paired, confidence_level=confidence, method="percentile",
                                bootstrap_result=result, rng=rng)
             distribution = result.bootstrap_distribution
             low, high = (float(v) for v in (result.confidence_interval.low, result.confidence_interval.high))
@@ -174,14 +187,13 @@ def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion
                 break
             added = min(n_boot, settings.max_n_boot - n_boot)
     status = decide(low, high, criterion) if finite and settled(low, high, errors, criterion) else "inconclusive"
-    out = {"status": status, "value": value, "interval": [low, high], "confidence": confidence,
-           "adjustment": {"method": adjustment, "comparisons": comparisons, "family_confidence": settings.confidence},
-           "mc_error": errors, "n_boot": n_boot, "test": criterion.test, "harmful": criterion.harmful,
-           "min_detectable": {
-               "value": min_detectable(distribution, confidence, settings.power) if finite else None,
-               "definition": f"smallest true difference ({statistic}) the interval would tell from none with "
-                             f"{settings.power:.0%} power: (z at {confidence:.2%} two-sided + z at "
-                             f"{settings.power:.0%}) x bootstrap standard error"}}
-    if status == "inconclusive":
-        out["reason"] = inconclusive_reason(low, high, errors, criterion, n_boot)
-    return out
+    return Comparison(
+        status=status, value=value, interval=(low, high), confidence=confidence,
+        adjustment=AdjustmentInfo(method=adjustment, comparisons=comparisons, family_confidence=settings.confidence),
+        mc_error=tuple(errors), n_boot=n_boot, test=criterion.test, harmful=criterion.harmful,
+        min_detectable=MinDetectable(
+            value=min_detectable(distribution, confidence, settings.power) if finite else None,
+            definition=f"smallest true difference ({statistic}) the interval would tell from none with "
+                       f"{settings.power:.0%} power: (z at {confidence:.2%} two-sided + z at {settings.power:.0%}) x "
+                       "bootstrap standard error"),
+        reason=inconclusive_reason(low, high, errors, criterion, n_boot) if status == "inconclusive" else None)

@@ -1,4 +1,4 @@
-"""What a source hands to ingest, and the one way raw images become stored pixels."""
+"""What a source hands to ingest, and the one way raw images become stored pixels (`stored_pixels`)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _flatten_alpha(img: Image.Image, background: int) -> Image.Image:
     return img
 
 
-def to_pixels(img: Image.Image, size: int, channels: int, background: int = 255) -> np.ndarray:
+def stored_pixels(img: Image.Image, size: int, channels: int, background: int = 255) -> np.ndarray:
     """Any Pillow image as uint8 [size, size, channels]: orientation applied, alpha flattened, centre crop."""
     img = ImageOps.exif_transpose(img)
     img = _flatten_alpha(_to_8bit(img), background)
@@ -85,7 +85,7 @@ def decode(data: bytes, size: int, channels: int, background: int, max_pixels: i
                 if img.format == "JPEG":
                     img.draft("L" if channels == 1 else "RGB", (size, size))
                 img.load()
-                return to_pixels(img, size, channels, background)
+                return stored_pixels(img, size, channels, background)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             # our own detail: Pillow's error states twice the limit (where its warning becomes an error)
             raise ImageProblem("decompression_bomb", f"more pixels than ingest.max_image_pixels {max_pixels}") from None

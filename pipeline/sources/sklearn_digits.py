@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 
 from pipeline.cards import DataCard
 from pipeline.params import IngestSettings, DigitsSettings
-from pipeline.sources.records import SourceRecord, sha256_bytes, to_pixels
+from pipeline.sources.records import SourceRecord, sha256_bytes, stored_pixels
 
 
 def records(card: DataCard, settings: DigitsSettings, ingest: IngestSettings) -> Iterator[SourceRecord]:
@@ -28,6 +28,6 @@ def records(card: DataCard, settings: DigitsSettings, ingest: IngestSettings) ->
             record_id=f"{card.name}-{index:04d}",
             source_uri=f"sklearn://datasets/load_digits/{index}?scikit-learn={sklearn.__version__}",
             metadata={label_column: str(int(target))},
-            pixels=to_pixels(grey, settings.image_size, settings.channels),
+            pixels=stored_pixels(grey, settings.image_size, settings.channels),
             source_sha256=sha256_bytes(image.tobytes()),
         )

@@ -1,0 +1,497 @@
+"""What one stage hands another, typed once: the JSON files between stages are these models serialised.
+
+A writer builds the model and `artifacts.write_json` writes `model_dump(mode="json")`; a reader gets it back from
+`artifacts.read_json(path, Model)` (`model_validate_json`), so a field renamed on one side is an error at once,
+naming the file and the field, never a KeyError three stages later. Follow a record from card to release.json:
+
+- ingest writes `Provenance` (how many records were read, accepted and quarantined, and why);
+- validate writes `ValidationSummary`; pretrain writes `ModelConfig`, `RunRecord` and `PretrainMetrics`;
+- evaluate writes `EvalMetrics` (and the per-sample table the audits read);
+- every decided question is a `Check`: the audits (`BiasResult`, `ShiftResult`) and the report's own judges
+  (validation, consent, memorization) all construct the same model, and the report reads attributes, not keys;
+- the report writes `Release`: the decision, the model it is about, and every field of every check.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Status = Literal["pass", "inconclusive", "fail"]
+Area = Literal["validation", "consent", "bias", "shift", "memorization"]
+AREAS: tuple[Area, ...] = ("validation", "consent", "bias", "shift", "memorization")
+Interval = tuple[float, float]
+
+
+class Contract(BaseModel):
+    """Unknown fields are refused (a misspelt writer is caught by its reader); NaN, which a bootstrap of an
+    undefined statistic produces, survives the round trip."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+# ---------------------------------------------------------------- the statistics of a decided check
+
+class Adjustment(Contract):
+    """The multiple-comparison adjustment behind a check's confidence."""
+
+    method: str
+    comparisons: int
+    family_confidence: float
+
+
+class MinDetectable(Contract):
+    """The smallest true difference (or, for a drift test, share of shifted images) the check could have found."""
+
+    value: float | None
+    definition: str
+
+
+class PowerPoint(Contract):
+    share: float
+    power: float | None
+    note: str | None = None
+
+
+class Power(Contract):
+    """What a drift test that found nothing could have found: its simulated power per mixed-in share."""
+
+    curve: list[PowerPoint]
+    detectable_share: float | None
+    target: float
+    trials: int
+    permutations: int
+    n_reference: int
+    n_sample: int
+
+
+class Comparison(Contract):
+    """A signed statistic against a reference, decided on its bootstrap interval (`audit.stats.compare`)."""
+
+    status: Status
+    value: float
+    interval: Interval
+    confidence: float
+    adjustment: Adjustment
+    mc_error: Interval
+    n_boot: int
+    test: Literal["equivalence", "non-inferiority"]
+    harmful: Literal["higher", "lower"]
+    min_detectable: MinDetectable
+    reason: str | None = None
+
+
+class Check(Contract):
+    """One governance question answered pass, fail or inconclusive, with the evidence that decided it. Every
+    area builds this model; release.json carries every field of it (null where a field does not apply)."""
+
+    id: str
+    area: Area
+    status: Status
+    statistic: str
+    value: float | int | str | None = None
+    interval: Interval | None = None
+    threshold: float | int | str | None = None
+    detail: str
+    reason: str | None = None
+    blocking: bool | None = None  # set by the release decision
+    # a comparison against a reference (stats.compare)
+    reference: str | None = None
+    test: Literal["equivalence", "non-inferiority"] | None = None
+    harmful: Literal["higher", "lower"] | None = None
+    confidence: float | None = None
+    adjustment: Adjustment | None = None
+    mc_error: Interval | float | None = None  # a bound's pair, or a p-value's
+    n_boot: int | None = None
+    min_detectable: MinDetectable | None = None
+    # a permutation test
+    p_value: float | None = None
+    permutations: int | None = None
+    alpha: float | None = None
+    power: Power | None = None
+    # where a bias check belongs
+    grouping: str | None = None
+    group: str | None = None
+    metric: str | None = None
+    # the counts behind a validation or consent check
+    warnings: int | None = None
+    reasons: dict[str, int] | None = None
+    training_records: int | None = None
+
+    @classmethod
+    def decided(cls, comparison: Comparison, **fields) -> Check:
+        """A check decided by a comparison: its status, value, interval and statistics are the comparison's."""
+        return cls(**{**dict(comparison), **fields})
+
+
+# ---------------------------------------------------------------- ingest, validate, pretrain
+
+class Counts(Contract):
+    read: int
+    accepted: int
+    quarantined: int
+    by_reason: dict[str, int]
+
+
+class CardRef(Contract):
+    path: str
+    sha256: str
+    version: str
+
+
+class SourceRef(Contract):
+    kind: str
+    settings: dict
+    sha256: str
+
+
+class WithdrawalsRef(Contract):
+    path: str
+    entries: int
+
+
+class Provenance(Contract):
+    """data/ingested/<dataset>/provenance.json: where the records came from and what became of each."""
+
+    dataset: str
+    card: CardRef
+    source: SourceRef
+    policy: dict
+    withdrawals: WithdrawalsRef
+    code: dict
+    pixels: dict
+    counts: Counts
+    reasons: dict[str, str]
+
+
+class ExpectationOutcome(Contract):
+    asset: str
+    check: str | None
+    expectation: str
+    column: str | None
+    severity: str
+    success: bool
+    unexpected_count: int | None
+    element_count: int | None
+    observed_value: object = None
+    examples: list
+    exception: str | None
+
+
+class DatasetValidation(Contract):
+    evaluated: int
+    failed: int
+    failed_critical: int
+    failed_warning: int
+    checks: list[ExpectationOutcome]
+
+
+class ValidationSummary(Contract):
+    """reports/validation/summary.json."""
+
+    passed: bool
+    failed_critical: int
+    failed_warning: int
+    datasets: dict[str, DatasetValidation]
+
+
+class NormalisationStats(Contract):
+    mean: list[float]
+    std: list[float]
+
+
+class ModelConfig(Contract):
+    """models/mae/config.json: how to rebuild the trained model and feed it."""
+
+    model: dict[str, int | float | bool | str]  # MaskedAutoencoderViT's constructor arguments
+    preset: str
+    mask_ratio: float
+    normalisation: NormalisationStats
+    dataset: str
+    train_md5: str
+    run_id: str | None
+
+
+class RunRecord(Contract):
+    """models/mae/run.json: the MLflow run that trained the model and its logged encoder."""
+
+    run_id: str
+    experiment_id: str | None = None
+    model_uri: str | None = None
+    tracking_uri: str | None = None
+
+
+class PretrainMetrics(Contract):
+    """metrics/pretrain.json (DVC metrics)."""
+
+    val_masked_loss: float
+    val_patch_mean_baseline: float
+    improvement_over_baseline: float
+    final_train_loss: float
+    epochs: int
+    steps: int
+
+
+# ---------------------------------------------------------------- evaluate
+
+class ReconstructionScores(Contract):
+    count: int
+    mse: float
+    psnr: float
+    masked_loss: float
+    mse_random_init: float
+    mse_patch_mean: float
+
+
+class ClassifierScores(Contract):
+    """Top-1 accuracy of one classifier (probe or kNN) per evaluated split and feature kind."""
+
+    available: bool
+    reason: str | None = None  # why not, when unavailable
+    val: dict[str, float] | None = None  # feature kind (mae, random_init, raw_pixels) -> accuracy
+    test: dict[str, float] | None = None
+    heldout: dict[str, float] | None = None
+    margin_over_random_init: float | None = None  # on test
+    margin_over_raw_pixels: float | None = None
+    k: int | None = None  # kNN only
+
+    def splits(self) -> dict[str, dict[str, float]]:
+        return {name: scores for name in ("val", "test", "heldout") if (scores := getattr(self, name)) is not None}
+
+
+class EvalMetrics(Contract):
+    """metrics/eval.json (DVC metrics)."""
+
+    dataset: str
+    mask_ratio: float
+    seed: int
+    pool: str
+    reconstruction: dict[str, ReconstructionScores]
+    probe: ClassifierScores
+    knn: ClassifierScores
+
+
+# ---------------------------------------------------------------- the bias audit
+
+class GroupValue(Contract):
+    count: int
+    status: Literal["ok", "insufficient data"]
+    value: float | None = None
+    interval: Interval | None = None
+    vs_reference: float | None = None
+    vs_reference_interval: Interval | None = None
+    decision: Status | None = None
+
+
+class MetricComparison(Contract):
+    """One metric of one grouping: each group's value, and each against the reference group."""
+
+    statistic: str
+    threshold: float
+    test: str
+    harmful: str
+    groups: dict[str, GroupValue]
+    overall: float | None = None
+    overall_interval: Interval | None = None
+    reference: str | None = None
+    reference_reason: str | None = None
+    comparisons: int = 0
+    reference_value: float | None = None
+    required_group_size: int | None = None
+
+
+class GroupingReport(Contract):
+    grouping: list[str]
+    counts: dict[str, int]
+    insufficient_data: list[str]
+    metrics: dict[str, MetricComparison]
+
+
+class RepresentationGroup(Contract):
+    train_count: int
+    train_share: float
+    population_share: float | None
+    ratio: float | None
+
+
+class Representation(Contract):
+    groups: dict[str, RepresentationGroup]
+    under_represented: list[str]
+
+
+class BiasThresholds(Contract):
+    max_relative_error_gap: float
+    max_accuracy_gap: float
+    min_representation_ratio: float
+
+
+class BiasResult(Contract):
+    """reports/bias/bias.json."""
+
+    dataset: str
+    splits: list[str]
+    evaluated: int
+    confidence: float
+    adjustment: str
+    n_boot: int
+    max_n_boot: int
+    power: float
+    reference_groups: dict[str, str]
+    min_group_size: int
+    thresholds: BiasThresholds
+    skipped_metrics: dict[str, str]
+    note: str | None = None
+    groupings: dict[str, GroupingReport]
+    representation: dict[str, Representation]
+    checks: list[Check]
+    status: Status
+
+
+# ---------------------------------------------------------------- the domain-shift audit
+
+class Estimate(Contract):
+    value: float
+    interval: Interval
+
+
+class InDistribution(Contract):
+    count: int
+    recon_mse: float
+    probe_accuracy: float | None
+
+
+class HeldOutDomain(Contract):
+    count: int
+    recon_mse: float | None = None
+    probe_accuracy: float | None = None
+    error_comparison: Estimate | None = None
+    accuracy_comparison: Estimate | None = None
+
+
+class ShiftDomains(Contract):
+    in_distribution: InDistribution
+    held_out: dict[str, HeldOutDomain]
+    worst_domain: str | None = None
+
+
+class PermutationTest(Contract):
+    """An MMD two-sample test with its permutation p-value."""
+
+    mmd2: float
+    p_value: float
+    mc_error: float
+    permutations: int
+    bandwidth: float
+    n_reference: int
+    n_sample: int
+
+
+class Drift(PermutationTest):
+    auc: float
+    status: Status
+    reason: str | None = None
+    power: Power | None = None
+
+
+class CorruptionPoint(Contract):
+    recon_mse: float
+    probe_accuracy: float | None = None
+
+
+class Corruptions(Contract):
+    images: int
+    clean: CorruptionPoint
+    curves: dict[str, list[CorruptionPoint]]
+    relative_mce_reconstruction: float
+    relative_mce_probe: float | None = None
+
+
+class ShiftResult(Contract):
+    """reports/shift/shift.json."""
+
+    dataset: str
+    held_out_domains: list[str]
+    alpha: float
+    confidence: float
+    adjustment: str
+    n_boot: int
+    max_n_boot: int
+    permutations: int
+    max_permutations: int
+    power: float
+    note: str | None = None
+    domains: ShiftDomains
+    drift: dict[str, Drift]
+    corruptions: Corruptions
+    checks: list[Check]
+    status: Status
+
+
+# ---------------------------------------------------------------- the report
+
+class AreaStatus(Contract):
+    status: Status
+    advisory: Status | None
+
+
+class ReleasePolicy(Contract):
+    block_on: list[str]
+    advisory: list[str]
+
+
+class ReleaseDecision(Contract):
+    """The release decision over a set of checks (report.judge.decide_release)."""
+
+    decision: Literal["approved", "blocked"]
+    blocked_by: list[str]
+    areas: dict[str, AreaStatus]
+    policy: ReleasePolicy
+    checks: list[Check]
+
+
+class ModelFacts(Contract):
+    dataset: str
+    run_id: str
+    experiment_id: str | None
+    model_uri: str
+    registered_model: str
+    version: str
+    git_commit: str
+    git_dirty: str
+    git_changed_paths: str
+    preset: str
+    mask_ratio: float
+    architecture: dict[str, int | float | bool | str]
+
+
+class ReportPaths(Contract):
+    html: str
+    markdown: str
+    model_card: str
+
+
+class Release(Contract):
+    """reports/governance/release.json: what the release gate and the registry read."""
+
+    decision: Literal["approved", "blocked"]
+    blocked_by: list[str]
+    areas: dict[str, AreaStatus]
+    policy: ReleasePolicy
+    model: ModelFacts
+    data_hashes: dict[str, str]
+    report: ReportPaths
+    checks: list[Check]
+
+
+class MemorizationRow(Contract):
+    """One row of the report's memorization table (overall, or one group)."""
+
+    train_count: int
+    unseen_count: int
+    train_mse: float | None = None
+    unseen_mse: float | None = None
+    note: str | None = None
+    status: Status
+    value: float | None
+    interval: Interval | None

@@ -1,0 +1,51 @@
+"""What the report states, typed: gathered from the stages' hand-offs before any check is rendered."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.cards import DataCard
+from pipeline.contracts import (
+    BiasResult,
+    Counts,
+    EvalMetrics,
+    MemorizationRow,
+    ModelFacts,
+    PretrainMetrics,
+    ReleaseDecision,
+    ShiftResult,
+    ValidationSummary,
+)
+from pipeline.params import Policy
+
+
+@dataclass(frozen=True)
+class DatasetEvidence:
+    card: DataCard
+    counts: Counts  # what ingest read, accepted and quarantined
+
+
+@dataclass(frozen=True)
+class Evidence:
+    model: ModelFacts
+    release: ReleaseDecision
+    datasets: dict[str, DatasetEvidence]
+    policy: Policy
+    withdrawals: int  # entries in the withdrawals file
+    training_records: int
+    validation: ValidationSummary
+    validation_failures: list[str]
+    pretrain: PretrainMetrics
+    evaluation: EvalMetrics
+    bias: BiasResult
+    shift: ShiftResult
+    memorization: dict[str, MemorizationRow]
+    data_hashes: dict[str, str]
+    figures: dict[str, list[tuple[str, str]]]  # area -> (file name under figures/, caption)
+
+    @property
+    def trained_card(self) -> DataCard:
+        return self.datasets[self.model.dataset].card
+
+    def checks(self, area: str):
+        return [c for c in self.release.checks if c.area == area]

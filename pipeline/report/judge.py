@@ -1,0 +1,86 @@
+"""The report's own checks and the release decision: pure functions, typed evidence in, checks and a decision out.
+
+Validation and consent are judged here; memorization by its owner (pipeline.audit.memorization); bias and shift
+checks come from the audits as they wrote them, every field kept.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import pandas as pd
+
+from pipeline.artifacts import GOVERNANCE, INGESTED, QUARANTINE, VALIDATION
+from pipeline.audit import overall_status
+from pipeline.audit.memorization import memorization
+from pipeline.cards import DataCard
+from pipeline.contracts import (
+    AREAS,
+    AreaStatus,
+    BiasResult,
+    Check,
+    Counts,
+    MemorizationRow,
+    ReleaseDecision,
+    ReleasePolicy,
+    ShiftResult,
+    ValidationSummary,
+)
+from pipeline.params import Params, ReportSettings
+from pipeline.policy import RecordFacts, decide
+
+
+def validation_check(summary: ValidationSummary) -> Check:
+    return Check(id="validation.critical", area="validation", status="pass" if summary.passed else "fail",
+                 statistic="failed critical expectations", value=summary.failed_critical, threshold=0,
+                 detail=f"{VALIDATION}/index.html", warnings=summary.failed_warning)
+
+
+def consent_checks(dataset: str, card: DataCard, params: Params, counts: Counts, training: pd.DataFrame,
+                   withdrawn: frozenset[str]) -> list[Check]:
+    """For the dataset that trained the model: every record accounted for, every training record still
+    allowed under today's policy and withdrawals file, and whether consent is documented at all."""
+    refused: dict[str, int] = {}
+    for row in training.itertuples(index=False):
+        facts = RecordFacts(row.record_id, row.sha256, row.source_sha256, row.license, row.consent_status)
+        verdict = decide(facts, card, params.policy, withdrawn)
+        if not verdict.accepted:
+            refused[verdict.reason] = refused.get(verdict.reason, 0) + 1
+    unaccounted = counts.read - counts.accepted - counts.quarantined
+    detail = f"{GOVERNANCE}/report.md#consent; {INGESTED}/{dataset}/{QUARANTINE}"
+    return [
+        Check(id=f"consent.accounted.{dataset}", area="consent", status="fail" if unaccounted else "pass",
+              statistic="read - accepted - quarantined", value=unaccounted, threshold=0, detail=detail),
+        Check(id=f"consent.training_records.{dataset}", area="consent", status="fail" if refused else "pass",
+              statistic="training records the policy refuses today", value=sum(refused.values()), threshold=0,
+              detail=detail, reasons=dict(sorted(refused.items())), training_records=len(training)),
+        Check(id=f"consent.documented.{dataset}", area="consent",
+              status="inconclusive" if card.consent.basis == "undocumented" else "pass", statistic="consent basis",
+              value=card.consent.basis, threshold="documented", detail=detail),
+    ]
+
+
+def judge(params: Params, dataset: str, card: DataCard, counts: Counts, validation: ValidationSummary,
+          training: pd.DataFrame, samples: pd.DataFrame, bias: BiasResult, shift: ShiftResult,
+          withdrawn: frozenset[str]) -> tuple[list[Check], dict[str, MemorizationRow]]:
+    """Every check of the release, in the order the report shows them, and the memorization table."""
+    memorized, table = memorization(samples, [a.name for a in card.sensitive_attributes], params.report,
+                                    params.audit_bias.min_group_size)
+    checks = [validation_check(validation)] + consent_checks(dataset, card, params, counts, training, withdrawn)
+    return checks + bias.checks + shift.checks + memorized, table
+
+
+def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDecision:
+    """Approved only when no blocking check has a blocking status; advisory checks are shown, not counted."""
+    decided = [c.model_copy(update={"blocking": not any(fnmatch.fnmatchcase(c.id, p) for p in settings.advisory)})
+               for c in checks]
+    blockers = [c.id for c in decided if c.blocking and c.status in settings.block_on]
+    areas = {}
+    for area in AREAS:
+        blocking = [c.status for c in decided if c.area == area and c.blocking]
+        advisory = [c.status for c in decided if c.area == area and not c.blocking]
+        areas[area] = AreaStatus(status=overall_status(blocking),
+                                 advisory=overall_status(advisory) if advisory else None)
+    return ReleaseDecision(decision="blocked" if blockers else "approved", blocked_by=blockers, areas=areas,
+                    policy=ReleasePolicy(block_on=list(settings.block_on), advisory=list(settings.advisory)),
+                    checks=decided)

@@ -1,0 +1,210 @@
+"""report.md, the single source of the governance report (report.html is it rendered). Every value from a card
+or a metadata file passes through `text()` or `code()` (pipeline.render)."""
+
+from __future__ import annotations
+
+from pipeline.artifacts import BIAS, INGESTED, QUARANTINE, SHIFT, VALIDATION
+from pipeline.policy import REASONS
+from pipeline.render import (
+    checks_table,
+    code,
+    corruption_sentence,
+    evidence_table,
+    figure,
+    fmt,
+    representation_table,
+    table,
+    text,
+)
+from pipeline.report.evidence import Evidence
+
+
+def figures(evidence: Evidence, area: str) -> list[str]:
+    return [line for name, caption in evidence.figures[area] for line in figure(f"figures/{name}", caption)]
+
+
+def report_markdown(evidence: Evidence) -> str:
+    """The whole report."""
+    release, model = evidence.release, evidence.model
+    checks = release.checks
+    lines = [f"# Governance report: MAE encoder on {text(model.dataset)}", "",
+             f"## Release decision: {release.decision.upper()}", ""]
+    if release.blocked_by:
+        lines += [f"Blocked by these checks (status in {', '.join(release.policy.block_on)}):", ""]
+        lines += [f"- {code(c)}" for c in release.blocked_by] + [""]
+    else:
+        lines += [f"No blocking check has a blocking status ({', '.join(release.policy.block_on)}).", ""]
+    inconclusive = [c.id for c in checks if c.status == "inconclusive"]
+    if inconclusive:
+        lines += ["Inconclusive (the data could not decide either way; more evidence is needed, not assumed): "
+                  + ", ".join(code(c) for c in inconclusive), ""]
+    lines += table(["area", "status of blocking checks", "status of advisory checks"],
+                   [[area, e.status, e.advisory or "—"] for area, e in release.areas.items()])
+    lines += [f"Model: registered model `{model.registered_model}` version {model.version}, MLflow run "
+              f"`{model.run_id}`, git commit `{model.git_commit}`" + (
+                  f" (uncommitted changes: {text(model.git_changed_paths or 'paths not recorded')})"
+                  if model.git_dirty == "true" else "")
+              + ".", "", "Every number below is a measurement on this model and this data. Disparities are signed "
+              "differences against a named reference (a group, in-distribution images, training images), with "
+              "bootstrap intervals at the confidence shown, adjusted (Bonferroni) where several groups are compared. "
+              "A group check passes only when its whole interval lies within plus or minus the threshold "
+              "(equivalence), fails only when it lies wholly beyond the threshold on the harmful side, and is "
+              "inconclusive otherwise; domain, corruption and memorization checks are one-sided (non-inferiority). "
+              "A bound within its Monte-Carlo error of the threshold is inconclusive rather than decided on "
+              "resampling noise.", "", "## Release checks", ""]
+    lines += checks_table(checks) + evidence_table(checks)
+    for section in (provenance_section, consent_section, validation_section, training_section, evaluation_section,
+                    bias_section, shift_section, memorization_section, overtrust_section, uses_section):
+        lines += section(evidence)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def provenance_section(evidence: Evidence) -> list[str]:
+    lines = ["## Provenance", ""]
+    rows = []
+    for name, item in evidence.datasets.items():
+        card, counts = item.card, item.counts
+        timeframe = card.provenance.timeframe
+        rows.append([text(name), text(card.version), text(card.source.uri or card.source.kind),
+                     text(card.license.spdx), text("; ".join(card.provenance.creators)),
+                     f"{timeframe.start} to {timeframe.end}", counts.read, counts.accepted, counts.quarantined])
+    lines += table(["dataset", "card version", "source", "licence", "creators", "timeframe", "read", "accepted",
+                    "quarantined"], rows)
+    lines += ["Collection method per dataset:", ""]
+    lines += [f"- **{text(name)}**: {text(item.card.provenance.collection_method)}"
+              for name, item in evidence.datasets.items()] + [""]
+    rows = [[text(name), reason, text(REASONS.get(reason, "")), n] for name, item in evidence.datasets.items()
+            for reason, n in sorted(item.counts.by_reason.items())]
+    lines += [f"Quarantined records by reason (each is kept in `{INGESTED}/<dataset>/{QUARANTINE}`):", ""]
+    lines += table(["dataset", "reason", "meaning", "records"], rows) if rows else ["None quarantined.", ""]
+    return lines
+
+
+def consent_section(evidence: Evidence) -> list[str]:
+    lines = ['<a id="consent"></a>', "", "## Consent", ""]
+    rows = []
+    for name, item in evidence.datasets.items():
+        consent, by_reason = item.card.consent, item.counts.by_reason
+        rows.append([text(name), consent.basis, consent.training_permission, by_reason.get("consent_withdrawn", 0),
+                     by_reason.get("withdrawal_request", 0),
+                     sum(n for r, n in by_reason.items() if r.startswith("consent") or r == "training_not_permitted"),
+                     text(consent.withdrawal)])
+    lines += table(["dataset", "basis", "training permission", "withdrawn by subjects", "excluded on request "
+                    "(withdrawals file)", "excluded for consent in all", "how to withdraw"], rows)
+    undocumented = [n for n, item in evidence.datasets.items() if item.card.consent.basis == "undocumented"]
+    if undocumented:
+        lines += [f"Subjects' consent is undocumented for: {', '.join(map(text, undocumented))}. The policy "
+                  + ("accepts such datasets (policy.accept_undocumented_consent); a reviewer should weigh that."
+                     if evidence.policy.accept_undocumented_consent
+                     else "refuses such datasets: their records are quarantined."), ""]
+    else:
+        lines += ["Every dataset documents its subjects' consent.", ""]
+    lines += [f"Withdrawals file `{evidence.policy.withdrawals_file}`: {evidence.withdrawals} entries. "
+              f"The model was trained on {evidence.training_records} records of {evidence.model.dataset}; "
+              "their ids are logged with the model (`governance/training_records.csv`) so that "
+              "`python -m pipeline consent-check` finds every model version a later withdrawal touches.", ""]
+    return lines
+
+
+def validation_section(evidence: Evidence) -> list[str]:
+    summary = evidence.validation
+    lines = ["## Data validation", "", f"Great Expectations validation {'passed' if summary.passed else 'FAILED'}: "
+             f"{summary.failed_critical} critical and {summary.failed_warning} warning expectations failed. "
+             f"Data Docs: `{VALIDATION}/index.html`.", ""]
+    lines += table(["dataset", "expectations", "failed", "critical", "warning"],
+                   [[text(n), d.evaluated, d.failed, d.failed_critical, d.failed_warning]
+                    for n, d in summary.datasets.items()])
+    if evidence.validation_failures:
+        lines += ["Failed expectations:", ""] + [f"- {text(line)}" for line in evidence.validation_failures] + [""]
+    return lines
+
+
+def training_section(evidence: Evidence) -> list[str]:
+    model, metrics = evidence.model, evidence.pretrain
+    arch = model.architecture
+    lines = ["## Training", ""]
+    lines += table(["what", "value"], [
+        ["architecture", f"MAE ViT preset `{model.preset}`: {arch['img_size']} px images, patch {arch['patch_size']}, "
+                         f"encoder {arch['depth']} x {arch['embed_dim']}, decoder {arch['decoder_depth']} x "
+                         f"{arch['decoder_embed_dim']}, mask ratio {model.mask_ratio}"],
+        ["trained on", f"{text(model.dataset)}: {evidence.training_records} training images"],
+        ["epochs / steps", f"{metrics.epochs} / {metrics.steps}"],
+        ["validation masked-patch loss", f"{metrics.val_masked_loss:.4f} against {metrics.val_patch_mean_baseline:.4f} "
+                                         "for predicting each patch's mean"],
+        ["MLflow run", f"`{model.run_id}` (experiment {model.experiment_id})"],
+        ["logged encoder", f"`{model.model_uri}`"],
+        ["registered", f"`{model.registered_model}` version {model.version}"],
+        ["git commit", f"`{model.git_commit}`, uncommitted changes: {model.git_dirty}"],
+    ])
+    lines += ["Data versions (DVC md5 of each training input, as tagged on the run):", ""]
+    lines += table(["input", "md5"], [[code(k), code(v)] for k, v in evidence.data_hashes.items()])
+    return lines
+
+
+def evaluation_section(evidence: Evidence) -> list[str]:
+    metrics = evidence.evaluation
+    lines = ["## Evaluation", "", f"Hidden-pixel reconstruction error (MSE in [0, 1]) at mask ratio "
+             f"{metrics.mask_ratio}, on masks fixed by a seed, against a randomly initialised model of the same "
+             "architecture and a predictor of each patch's mean:", ""]
+    lines += table(["split", "images", "MSE", "PSNR (dB)", "random init MSE", "patch mean MSE"],
+                   [[s, r.count, fmt(r.mse), fmt(r.psnr, 2), fmt(r.mse_random_init), fmt(r.mse_patch_mean)]
+                    for s, r in metrics.reconstruction.items()])
+    for entry, title in ((metrics.probe, "Linear probe"), (metrics.knn, "kNN")):
+        if not entry.available:
+            lines += [f"{title}: not run ({text(entry.reason or 'no labels')}).", ""]
+            continue
+        lines += [f"{title} top-1 accuracy on frozen features (margin over random init "
+                  f"{fmt(entry.margin_over_random_init, 3)}, over raw pixels {fmt(entry.margin_over_raw_pixels, 3)}"
+                  " on test):", ""]
+        lines += table(["split", "MAE", "random init", "raw pixels"],
+                       [[s, fmt(v.get("mae"), 3), fmt(v.get("random_init"), 3), fmt(v.get("raw_pixels"), 3)]
+                        for s, v in entry.splits().items()])
+    return lines + figures(evidence, "eval")
+
+
+def bias_section(evidence: Evidence) -> list[str]:
+    lines = ["## Bias", "", f"Audit status: **{evidence.bias.status}**. Full report: `{BIAS}/bias.md`.", ""]
+    lines += checks_table(evidence.checks("bias"))
+    lines += ["Representation in the training data against the card's population shares:", ""]
+    return lines + representation_table(evidence.bias) + figures(evidence, "bias")
+
+
+def shift_section(evidence: Evidence) -> list[str]:
+    lines = ["## Domain shift", "", f"Audit status: **{evidence.shift.status}**. Full report: "
+             f"`{SHIFT}/shift.md`.", ""]
+    lines += checks_table(evidence.checks("shift"))
+    corruption = next((c for c in evidence.checks("shift") if c.id == "shift.corruptions"), None)
+    if corruption is not None:
+        lines += [corruption_sentence(evidence.shift.corruptions, corruption), ""]
+    return lines + figures(evidence, "shift")
+
+
+def memorization_section(evidence: Evidence) -> list[str]:
+    lines = ['<a id="memorization"></a>', "", "## Memorization", "",
+             "Reconstruction error on training images against images the model never saw (val and test). An unseen "
+             "error well above the training error means the model reproduces what it was shown: a privacy risk for "
+             "the people in the training data.", ""]
+    lines += table(["images", "training n", "unseen n", "training MSE", "unseen MSE", "relative gap", "interval",
+                    "status"],
+                   [[text(name), e.train_count, e.unseen_count, fmt(e.train_mse), fmt(e.unseen_mse), fmt(e.value),
+                     fmt(e.interval), e.note or e.status] for name, e in evidence.memorization.items()])
+    return lines
+
+
+def overtrust_section(evidence: Evidence) -> list[str]:
+    lines = ["## Overtrust", "", "A reconstruction looks convincing whether or not it is right: the model fills "
+             "hidden patches with plausible texture, not with what was there. Read the error printed with each image, "
+             "not the picture; at high mask ratios the reconstruction is a guess. Do not use reconstructions as "
+             "evidence of what an image contained.", ""]
+    return lines + figures(evidence, "overtrust")
+
+
+def uses_section(evidence: Evidence) -> list[str]:
+    lines = ["## Intended and out-of-scope uses", ""]
+    for name, item in evidence.datasets.items():
+        card = item.card
+        lines += [f"### {text(name)}", "", "Intended:", ""] + [f"- {text(u)}" for u in card.uses.intended]
+        lines += ["", "Out of scope:", ""] + [f"- {text(u)}" for u in card.uses.out_of_scope]
+        lines += ["", "Known limitations:", ""] + [f"- {text(u)}" for u in card.known_limitations]
+        lines += ["", "Known biases:", ""] + [f"- {text(u)}" for u in card.known_biases] + [""]
+    return lines

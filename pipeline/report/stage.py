@@ -1,0 +1,170 @@
+"""The report stage: reads what the earlier stages handed over (pipeline.artifacts), judges, decides the release,
+and writes reports/governance/: report.md, report.html (the same Markdown rendered into one file that opens
+offline), model_card.md, release.json, croissant/<dataset>.json, training_records.csv and figures/. Then registers
+the encoder as a version of the MLflow registered model and logs the folder to the model's run. A blocked release
+is a finding: the stage succeeds whatever the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, write_json
+from pipeline.cards import DataCard, card_path, load_card
+from pipeline.contracts import (
+    BiasResult,
+    EvalMetrics,
+    ModelConfig,
+    ModelFacts,
+    PretrainMetrics,
+    Provenance,
+    Release,
+    ReportPaths,
+    RunRecord,
+    ShiftResult,
+    ValidationSummary,
+)
+from pipeline.params import DEFAULT_PARAMS, Params, load_params
+from pipeline.policy import load_withdrawals
+from pipeline.registry import lineage_of_run, log_report, register_version
+from pipeline.report.croissant import croissant
+from pipeline.report.evidence import DatasetEvidence, Evidence
+from pipeline.report.html import report_html
+from pipeline.report.judge import decide_release, judge
+from pipeline.report.markdown import report_markdown
+from pipeline.report.model_card import model_card
+from pipeline.validate import failure_lines
+
+log = logging.getLogger(__name__)
+
+# area -> (folder, file pattern, caption prefix) of the figures the report embeds
+FIGURES = {
+    "eval": (EVAL_FIGURES, "*.png", "reconstructions (original / masked / reconstruction) of"),
+    "bias": (BIAS, "*.png", "per-group values with intervals by"),
+    "shift": (SHIFT, "corruption_curves.png", "degradation under corruption:"),
+    "overtrust": (SHIFT, "overtrust.png", "reconstructions at several mask ratios, with their errors:"),
+}
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Everything the report reads, before any check is judged."""
+
+    config: ModelConfig
+    run: RunRecord
+    cards: dict[str, DataCard]
+    provenances: dict[str, Provenance]
+    training: pd.DataFrame  # the trained dataset's train split
+    samples: pd.DataFrame
+    validation: ValidationSummary
+    pretrain: PretrainMetrics
+    evaluation: EvalMetrics
+    bias: BiasResult
+    shift: ShiftResult
+
+    @property
+    def dataset(self) -> str:
+        return self.config.dataset
+
+
+def gather(params: Params, cards_dir: Path, layout: Layout) -> Gathered:
+    config = layout.config()
+    return Gathered(
+        config=config, run=layout.run(),
+        cards={name: load_card(card_path(name, cards_dir)) for name in params.datasets},
+        provenances={name: layout.provenance(name) for name in params.datasets},
+        training=read_table(layout.split_records(config.dataset, "train")), samples=layout.samples(),
+        validation=layout.validation_summary(), pretrain=layout.pretrain_metrics(), evaluation=layout.eval_metrics(),
+        bias=layout.bias_result(), shift=layout.shift_result())
+
+
+def collect_figures(layout: Layout, out: Path) -> dict[str, list[tuple[str, str]]]:
+    """Copy every figure into figures/ so the folder is self-contained wherever it is logged; these, and only
+    these, are the images report.html embeds."""
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for area, (folder, pattern, caption) in FIGURES.items():
+        found[area] = []
+        for path in sorted(layout.path(folder).glob(pattern)):
+            name = f"{area}-{path.name}"
+            shutil.copyfile(path, out / "figures" / name)
+            found[area].append((name, f"{caption} {path.stem.replace('-', ' ').replace('_', ' ')}"))
+    if layout.reconstructions_figure.is_file():
+        shutil.copyfile(layout.reconstructions_figure, out / "figures" / "pretrain-reconstructions.png")
+        found["overtrust"].insert(0, ("pretrain-reconstructions.png", "validation reconstructions at the training "
+                                                                      "mask ratio, with each image's error"))
+    return found
+
+
+def report(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), layout: Layout = Layout(),
+           out: Path | None = None) -> Release:
+    """Written in full into a folder beside `out` (reports/governance) and renamed into place only when all of it
+    succeeded, the MLflow records included: a failed run leaves the previous report as it was."""
+    final = out or layout.governance
+    partial = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        result = build(params_path, cards_dir, layout, partial, final)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return result
+
+
+def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: Path) -> Release:
+    """The whole report written into `out`, which will be renamed to `final`."""
+    params = load_params(params_path)
+    settings = params.report
+    gathered = gather(params, cards_dir, layout)
+    dataset, run, config = gathered.dataset, gathered.run, gathered.config
+    withdrawn = load_withdrawals(layout.path(params.policy.withdrawals_file))
+    checks, memorization = judge(params, dataset, gathered.cards[dataset], gathered.provenances[dataset].counts,
+                                 gathered.validation, gathered.training, gathered.samples, gathered.bias,
+                                 gathered.shift, withdrawn)
+    decision = decide_release(checks, settings)
+    lineage = lineage_of_run(run, layout.split_records(dataset, "train"), layout.root)
+    training = gathered.training[["record_id", "sha256", "source_sha256"]]
+    training.to_csv(out / "training_records.csv", index=False)
+    version = register_version(settings.registered_model, run, decision.decision)
+    model = ModelFacts(dataset=dataset, run_id=run.run_id, experiment_id=run.experiment_id,
+                       model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
+                       git_commit=lineage["git.commit"], git_dirty=lineage["git.dirty"],
+                       git_changed_paths=lineage["git.changed_paths"], preset=config.preset,
+                       mask_ratio=config.mask_ratio, architecture=config.model)
+    evidence = Evidence(
+        model=model, release=decision,
+        datasets={n: DatasetEvidence(gathered.cards[n], gathered.provenances[n].counts) for n in gathered.cards},
+        policy=params.policy, withdrawals=len(withdrawn), training_records=len(training),
+        validation=gathered.validation,
+        validation_failures=failure_lines(gathered.validation, "critical")
+        + failure_lines(gathered.validation, "warning"),
+        pretrain=gathered.pretrain, evaluation=gathered.evaluation, bias=gathered.bias, shift=gathered.shift,
+        memorization=memorization, data_hashes=lineage["hashes"], figures=collect_figures(layout, out))
+    markdown = report_markdown(evidence)
+    (out / "report.md").write_text(markdown)
+    figures = [name for found in evidence.figures.values() for name, _ in found]
+    (out / "report.html").write_text(report_html(markdown, out, f"Governance report: {dataset}",
+                                                 settings.figure_width, figures))
+    (out / "model_card.md").write_text(model_card(evidence))
+    (out / "croissant").mkdir()
+    for name in gathered.cards:
+        document = croissant(gathered.cards[name], gathered.provenances[name].counts, layout.manifest(name),
+                             final / "croissant")
+        (out / "croissant" / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    release = Release(decision=decision.decision, blocked_by=decision.blocked_by, areas=decision.areas,
+                      policy=decision.policy, model=model, data_hashes=lineage["hashes"],
+                      report=ReportPaths(html=str(final / "report.html"), markdown=str(final / "report.md"),
+                                         model_card=str(final / "model_card.md")),
+                      checks=decision.checks)
+    write_json(out / "release.json", release)
+    log_report(settings.registered_model, version, run, out, release)
+    return release
