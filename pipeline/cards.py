@@ -21,7 +21,8 @@ CONSENT_BASES = ("explicit_opt_in", "license_permits_training", "synthetic", "un
 # Manifest columns a sensitive attribute may not shadow.
 RESERVED_COLUMNS = frozenset(
     "record_id dataset sha256 source_sha256 source_uri license consent_status consent_basis collected_at "
-    "contributor label domain width height channels pixels_file pixels_index".split()
+    "contributor label domain c2pa_state c2pa_training c2pa_claim_generator c2pa_signer width height channels "
+    "pixels_file pixels_index".split()
 )
 # Values that become check ids, file names, table keys and figure labels (group and domain values, label
 # classes): a letter or digit, then letters, digits, '_', '.' or '-', so none can carry markup or a path.
@@ -56,6 +57,12 @@ class Provenance(_Strict):
     timeframe: Timeframe
     derived_from: list[str] = []
     retrieved_at: date | None = None
+    # what a data-governance review asks for (required from schema_version 2, see GOVERNANCE_FIELDS)
+    purpose: str | None = Field(default=None, min_length=1, description="why the data was originally collected")
+    represents: str | None = Field(default=None, min_length=1,
+                                   description="what the data is assumed to represent, and of whom")
+    preparation: list[str] | None = Field(default=None, min_length=1,
+                                          description="data-preparation operations applied, ingest's included")
 
 
 class License(_Strict):
@@ -101,7 +108,18 @@ class PersonalInformation(_Strict):
     description: str = Field(min_length=1)
 
 
+# The card format's version. 2 added the data-governance fields below; a card without `schema_version` is a new
+# card and must carry them, and a card written before them declares `schema_version: 1` to be read as it was.
+CARD_SCHEMA_VERSION = 2
+GOVERNANCE_FIELDS = {
+    "purpose": "the original purpose of collection",
+    "represents": "the assumptions about what the data is meant to represent",
+    "preparation": "the data-preparation operations applied (ingest's conversions included)",
+}
+
+
 class DataCard(_Strict):
+    schema_version: Literal[1, 2] = CARD_SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     version: str
     description: str = Field(min_length=1)
@@ -137,6 +155,11 @@ def spdx_problem(expression: str) -> str | None:
 def semantic_problems(card: DataCard) -> list[tuple[str, str]]:
     """Cross-field rules that a per-field schema cannot express."""
     problems = []
+    if card.schema_version >= 2:
+        problems += [(f"provenance.{name}", f"required for new cards (schema_version {CARD_SCHEMA_VERSION}, the "
+                                            f"default): state {meaning}; a card written before these fields "
+                                            "declares schema_version: 1")
+                     for name, meaning in GOVERNANCE_FIELDS.items() if getattr(card.provenance, name) is None]
     if (why := spdx_problem(card.license.spdx)) is not None:
         problems.append(("license.spdx", f"not a valid SPDX licence expression: {why}"))
     tf = card.provenance.timeframe

@@ -19,8 +19,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 Status = Literal["pass", "inconclusive", "fail"]
-Area = Literal["validation", "consent", "bias", "shift", "memorization"]
-AREAS: tuple[Area, ...] = ("validation", "consent", "bias", "shift", "memorization")
+# a check that has nothing to judge (no approved model to compare with): shown, never blocking
+CheckStatus = Literal["pass", "inconclusive", "fail", "not_applicable"]
+Area = Literal["validation", "consent", "bias", "shift", "memorization", "regression"]
+AREAS: tuple[Area, ...] = ("validation", "consent", "bias", "shift", "memorization", "regression")
 Interval = tuple[float, float]
 
 
@@ -88,7 +90,7 @@ class Check(Contract):
 
     id: str
     area: Area
-    status: Status
+    status: CheckStatus
     statistic: str
     value: float | int | str | None = None
     interval: Interval | None = None
@@ -431,8 +433,8 @@ class ShiftResult(Contract):
 # ---------------------------------------------------------------- the report
 
 class AreaStatus(Contract):
-    status: Status
-    advisory: Status | None
+    status: CheckStatus
+    advisory: CheckStatus | None
 
 
 class ReleasePolicy(Contract):

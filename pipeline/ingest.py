@@ -30,7 +30,16 @@ from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.contracts import Provenance
 from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
 from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, write_json
-from pipeline.policy import REASONS, Decision, RecordFacts, consent_status, decide, load_withdrawals, record_license
+from pipeline.policy import (
+    REASONS,
+    Decision,
+    RecordFacts,
+    c2pa_training,
+    consent_status,
+    decide,
+    load_withdrawals,
+    record_license,
+)
 from pipeline.sources import source_records
 from pipeline.sources.records import SourceRecord, pixels_sha256
 
@@ -51,6 +60,11 @@ MANIFEST_FIELDS = [
     ("contributor", pa.string()),
     ("label", pa.string()),
     ("domain", pa.string()),
+    # the image's Content Credentials, where it carries a C2PA manifest (null otherwise)
+    ("c2pa_state", pa.string()),
+    ("c2pa_training", pa.string()),
+    ("c2pa_claim_generator", pa.string()),
+    ("c2pa_signer", pa.string()),
 ]
 PIXEL_FIELDS = [
     ("width", pa.int32()),
@@ -164,6 +178,9 @@ def _facts(record: SourceRecord, card: DataCard, sha: str | None) -> RecordFacts
         source_sha256=record.source_sha256,
         license=record_license(card, meta.get(card.license.record_column)),
         consent_status=consent_status(card, meta.get(card.consent.record_column)),
+        c2pa_state=record.credentials.state if record.credentials else None,
+        c2pa_training=c2pa_training(record.credentials.entries) if record.credentials else None,
+        c2pa_detail=record.credentials.detail if record.credentials else "",
     )
 
 
@@ -184,6 +201,10 @@ def _manifest_row(record: SourceRecord, card: DataCard, facts: RecordFacts, coll
         if card.source.contributor_column else None,
         "label": _text(meta.get(card.labels.column)) if card.labels else None,
         "domain": _text(meta.get(column)) if column else card.name,
+        "c2pa_state": facts.c2pa_state,
+        "c2pa_training": facts.c2pa_training,
+        "c2pa_claim_generator": record.credentials.claim_generator if record.credentials else None,
+        "c2pa_signer": record.credentials.signer if record.credentials else None,
     }
     row.update({attr.name: _text(meta.get(attr.name)) for attr in card.sensitive_attributes})
     return row

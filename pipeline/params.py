@@ -257,11 +257,23 @@ class ShiftSettings(BootstrapSettings):
         return self
 
 
+class MaxRegression(_Strict):
+    """How much worse than the approved model a candidate may be, per metric, before its check fails."""
+
+    reconstruction_error: float = Field(default=0.1, gt=0, description="candidate / approved error - 1")
+    probe_accuracy: float = Field(default=0.02, gt=0, description="approved - candidate accuracy")
+    knn_accuracy: float = Field(default=0.02, gt=0, description="approved - candidate accuracy")
+    bias: float = Field(default=0.05, gt=0, description="growth of a bias check's harm (its gap's size)")
+    shift: float = Field(default=0.05, gt=0, description="growth of a shift check's harm")
+    memorization: float = Field(default=0.05, gt=0, description="growth of a memorization gap")
+
+
 class ReportSettings(BootstrapSettings):
     registered_model: str = Field(default="mae-encoder", pattern=r"^[A-Za-z0-9_.-]+$")
     block_on: list[Literal["fail", "inconclusive"]] = Field(default=["fail"], min_length=1)
     advisory: list[str] = Field(default=[], description="check-id patterns reported but not blocking")
     max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1 (one-sided)")
+    max_regression: MaxRegression = MaxRegression()
     figure_width: int = Field(default=720, ge=100)
 
 

@@ -45,7 +45,20 @@ REASONS = {
     "license_missing": "the record has no licence",
     "license_not_allowed": "the licence is not in the policy's allowlist",
     "duplicate_image": "an accepted record already has exactly these pixels",
+    # the image's own Content Credentials (C2PA manifest, CAWG training-and-data-mining assertion)
+    "c2pa_invalid": "the image's C2PA manifest does not validate (the image or manifest changed after signing, or "
+                    "the signature does not verify)",
+    "c2pa_unreadable": "the image carries a C2PA manifest that cannot be read",
+    "c2pa_training_not_allowed": "the image's Content Credentials do not allow AI training (notAllowed)",
+    "c2pa_training_constrained": "the image's Content Credentials constrain AI training and the policy does not "
+                                 "accept constrained permission",
+    "c2pa_unknown_permission": "the image's training-and-data-mining assertion holds a value the policy does not know",
 }
+
+# Entries of the training-and-data-mining assertion that pretraining an encoder falls under (CAWG names, and the
+# older c2pa. ones); `ai_inference` does not apply to training. Their uses, most restrictive first.
+TRAINING_ENTRIES = ("ai_training", "ai_generative_training", "data_mining")
+USES = ("notAllowed", "constrained", "allowed")
 
 MISSING = "missing"
 
@@ -59,6 +72,9 @@ class RecordFacts:
     source_sha256: str | None
     license: str | None
     consent_status: str
+    c2pa_state: str | None = None  # the image's C2PA validation state; None: no manifest
+    c2pa_training: str | None = None  # what its training-and-data-mining assertion says (c2pa_training())
+    c2pa_detail: str = ""  # the validator's failure codes, for the quarantine's detail
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,40 @@ def license_allowed(expression: str, allowed: frozenset[str]) -> tuple[bool, str
     return False, f"licence {expression!r} is not in policy.allowed_licenses"
 
 
+def c2pa_training(entries: dict[str, str]) -> str | None:
+    """One answer from the assertion's entries that concern training: the most restrictive use among them, or
+    `unknown: <entry>=<value>` for a value that is none of the three (failing closed); None when none concerns
+    training."""
+    relevant = {k: v for k, v in entries.items() if k.split(".")[-1] in TRAINING_ENTRIES or k == "entries"}
+    unknown = sorted(f"{k}={v}" for k, v in relevant.items() if v not in USES)
+    if unknown:
+        return f"unknown: {', '.join(unknown)}"[:200]
+    return min(relevant.values(), key=USES.index) if relevant else None
+
+
+def c2pa_decision(facts: RecordFacts, policy: Policy) -> Decision:
+    """What the image's own Content Credentials decide. Fail closed: a manifest that does not validate or cannot be
+    read quarantines the record; an intact one whose signer is on no trust list (`Valid`) counts, and is recorded as
+    such in the manifest; no manifest decides nothing."""
+    if facts.c2pa_state is None:
+        return ACCEPT
+    why = f": {facts.c2pa_detail}" if facts.c2pa_detail else ""
+    if facts.c2pa_state == "unreadable":
+        return Decision("c2pa_unreadable", f"the C2PA manifest cannot be read{why}")
+    if facts.c2pa_state not in ("Valid", "Trusted"):
+        return Decision("c2pa_invalid", f"C2PA validation state {facts.c2pa_state!r}{why}")
+    use = facts.c2pa_training
+    if use is None or use == "allowed":
+        return ACCEPT
+    if use == "notAllowed":
+        return Decision("c2pa_training_not_allowed", "training-and-data-mining assertion: notAllowed")
+    if use == "constrained":
+        return ACCEPT if policy.accept_constrained_permission else Decision(
+            "c2pa_training_constrained", "training-and-data-mining assertion: constrained "
+                                         "(policy.accept_constrained_permission is false)")
+    return Decision("c2pa_unknown_permission", f"training-and-data-mining assertion: {use}")
+
+
 def load_withdrawals(path: Path) -> frozenset[str]:
     """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
     try:
@@ -161,6 +211,8 @@ def decide(facts: RecordFacts, card: DataCard, policy: Policy, withdrawn: frozen
             return Decision("consent_missing", f"{column} is empty")
         if status not in policy.accepted_consent_statuses:
             return Decision("consent_not_accepted", f"{column} {status!r} not in policy.accepted_consent_statuses")
+    if not (verdict := c2pa_decision(facts, policy)).accepted:
+        return verdict
     if facts.license is None:
         return Decision("license_missing", f"{card.license.record_column} is empty")
     ok, why = license_allowed(facts.license, frozenset(policy.allowed_licenses))

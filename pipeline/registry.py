@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,8 @@ from pipeline.tracking import connect, lost_connection, md5, mlflow_error, silen
 log = logging.getLogger(__name__)
 
 RECORDS_ARTIFACT = "governance/training_records.csv"
+SAMPLES_ARTIFACT = "eval/samples.parquet"  # logged by evaluate to the model's run
+RELEASE_ARTIFACT = "governance/release.json"  # logged by log_report
 ID_COLUMNS = ("record_id", "sha256", "source_sha256")
 
 
@@ -114,6 +117,47 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+@dataclass(frozen=True)
+class Approved:
+    """The version a candidate is compared with, and what its run recorded: the per-sample table of its
+    evaluation and its release (the audits' checks); None where the run lacks one, with `missing` saying why."""
+
+    version: str
+    run_id: str
+    samples: pd.DataFrame | None
+    release: Release | None
+    missing: list[str]
+
+
+def approved_version(name: str) -> Approved | None:
+    """The version under alias `approved` of `name` with its run's evidence; None when there is none (no such
+    registered model, or no version approved)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        version = client.get_model_version_by_alias(name, "approved")
+    except MlflowException as exc:
+        if lost_connection(exc):
+            raise mlflow_error(f"cannot read alias approved of {name}", exc) from None
+        return None
+    found, missing = {}, []
+    for artifact in (SAMPLES_ARTIFACT, RELEASE_ARTIFACT):
+        try:
+            with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
+                path = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact,
+                                                                dst_path=tmp))
+                found[artifact] = (pd.read_parquet(path) if artifact == SAMPLES_ARTIFACT
+                                   else Release.model_validate_json(path.read_text()))
+        except (MlflowException, OSError, ValueError) as exc:
+            if lost_connection(exc):
+                raise mlflow_error(f"cannot download {artifact} of {name} version {version.version}", exc) from None
+            missing.append(f"{artifact} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    return Approved(version=str(version.version), run_id=version.run_id, samples=found.get(SAMPLES_ARTIFACT),
+                    release=found.get(RELEASE_ARTIFACT), missing=missing)
 
 
 # ---------------------------------------------------------------- release gate

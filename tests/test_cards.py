@@ -141,3 +141,24 @@ def test_card_check_rejects_the_hostile_domains_of_the_issue_one_line_per_field(
     lines = result.stdout.strip().splitlines()
     assert [line.split(": ")[1] for line in lines] == ["domains.values.0", "domains.held_out.0"], lines
     assert all(line.startswith(f"{path}: ") for line in lines)
+
+
+def test_new_cards_must_state_purpose_representation_and_preparation(tmp_path: Path):
+    card = copy.deepcopy(shipped())
+    for name in ("purpose", "represents", "preparation"):
+        del card["provenance"][name]
+    problems = dict(card_problems(card))
+    assert set(problems) == {"provenance.purpose", "provenance.represents", "provenance.preparation"}
+    assert "original purpose of collection" in problems["provenance.purpose"]
+    assert "schema_version: 1" in problems["provenance.purpose"], "the message says how an older card is read"
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(card))
+    result = run_cli("card", "check", str(path), cwd=ROOT)
+    assert result.returncode != 0 and "provenance.purpose" in result.stdout + result.stderr
+    with pytest.raises(PipelineError, match=r"card.yaml: provenance.purpose: required for new cards"):
+        load_card(path)
+
+    card["schema_version"] = 1  # a card written before the fields: read as it was
+    assert card_problems(card) == []
+    card["provenance"]["preparation"] = []
+    assert "provenance.preparation" in dict(card_problems(card)), "stated, it must say something"

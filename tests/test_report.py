@@ -143,7 +143,11 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     release = json.loads((governance(reported) / "release.json").read_text())
     assert release["decision"] == "blocked", "the default data under-represents group_b"
     assert "bias.representation.group" in release["blocked_by"]
-    assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization"}
+    assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization",
+                                                      "regression"}
+    regression = [c for c in release["checks"] if c["area"] == "regression"]
+    assert [(c["id"], c["status"]) for c in regression] == [("regression.approved_version", "not_applicable")], regression
+    assert release["areas"]["regression"]["status"] == "not_applicable"
     assert all(set(c) == set(Check.model_fields) for c in release["checks"]), "every field of every check"
     assert all(isinstance(c["blocking"], bool) for c in release["checks"])
     Release.model_validate_json((governance(reported) / "release.json").read_text())
@@ -353,3 +357,33 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {readme}: no block <!-- results:balanced --> ... "
                                      "<!-- /results:balanced --> to replace")
+
+
+def test_croissant_is_1_1_with_provenance_and_usage_conditions_and_loads_in_mlcroissant(tmp_path: Path):
+    import mlcroissant as mlc
+
+    from pipeline.report.croissant import croissant
+
+    card = load_card(ROOT / "data_cards" / "examples" / "photos.yaml")
+    columns = ["record_id", "sha256", "license", "consent_status", "consent_basis", "domain"]
+    columns += [a.name for a in card.sensitive_attributes] + (["label"] if card.labels else [])
+    manifest = tmp_path / "data" / "manifest.parquet"
+    manifest.parent.mkdir()
+    pd.DataFrame({c: [f"{c}-{i}" for i in range(3)] for c in columns}).to_parquet(manifest)
+    folder = tmp_path / "croissant"
+    folder.mkdir()
+    document = croissant(card, Counts(read=4, accepted=3, quarantined=1, by_reason={"c2pa_not_allowed": 1}),
+                         manifest, folder)
+    path = folder / "photos.json"
+    path.write_text(json.dumps(document))
+    dataset = mlc.Dataset(jsonld=path)  # raises on a validation error
+    assert dataset.metadata.ctx.is_v1_1() and not dataset.metadata.ctx.issues.errors
+    assert document["conformsTo"] == "http://mlcommons.org/croissant/1.1"
+    activities = document["prov:wasGeneratedBy"]
+    assert [a["prov:label"] for a in activities] == ["collection"] + ["preparation"] * len(card.provenance.preparation)
+    assert document["prov:wasAttributedTo"][0]["prov:label"] == card.provenance.creators[0]
+    assert document["rai:dataPreprocessingProtocol"] == card.provenance.preparation
+    assert any(card.provenance.purpose in u for u in document["rai:dataUseCases"])
+    offer = document["usageInfo"][1]
+    assert "odrl:Offer" in offer["@type"] and offer["odrl:permission"]["name"] == "AI training"
+    assert len(list(dataset.records("records"))) == 3

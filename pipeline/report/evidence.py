@@ -40,6 +40,7 @@ class Evidence:
     bias: BiasResult
     shift: ShiftResult
     memorization: dict[str, MemorizationRow]
+    approved: str | None  # the registered version compared against ("version N (run R)"), None when none
     data_hashes: dict[str, str]
     figures: dict[str, list[tuple[str, str]]]  # area -> (file name under figures/, caption)
 

@@ -28,6 +28,8 @@ from pipeline.contracts import (
 )
 from pipeline.params import Params, ReportSettings
 from pipeline.policy import RecordFacts, decide
+from pipeline.registry import Approved
+from pipeline.report.regression import regression_checks
 
 
 def validation_check(summary: ValidationSummary) -> Check:
@@ -36,13 +38,19 @@ def validation_check(summary: ValidationSummary) -> Check:
                  detail=f"{VALIDATION}/index.html", warnings=summary.failed_warning)
 
 
+def _text(value: object) -> str | None:
+    """A manifest cell that may be null (None, or NaN where pandas chose a float column)."""
+    return value if isinstance(value, str) else None
+
+
 def consent_checks(dataset: str, card: DataCard, params: Params, counts: Counts, training: pd.DataFrame,
                    withdrawn: frozenset[str]) -> list[Check]:
     """For the dataset that trained the model: every record accounted for, every training record still
     allowed under today's policy and withdrawals file, and whether consent is documented at all."""
     refused: dict[str, int] = {}
     for row in training.itertuples(index=False):
-        facts = RecordFacts(row.record_id, row.sha256, row.source_sha256, row.license, row.consent_status)
+        facts = RecordFacts(row.record_id, row.sha256, row.source_sha256, row.license, row.consent_status,
+                            _text(getattr(row, "c2pa_state", None)), _text(getattr(row, "c2pa_training", None)))
         verdict = decide(facts, card, params.policy, withdrawn)
         if not verdict.accepted:
             refused[verdict.reason] = refused.get(verdict.reason, 0) + 1
@@ -62,16 +70,25 @@ def consent_checks(dataset: str, card: DataCard, params: Params, counts: Counts,
 
 def judge(params: Params, dataset: str, card: DataCard, counts: Counts, validation: ValidationSummary,
           training: pd.DataFrame, samples: pd.DataFrame, bias: BiasResult, shift: ShiftResult,
-          withdrawn: frozenset[str]) -> tuple[list[Check], dict[str, MemorizationRow]]:
-    """Every check of the release, in the order the report shows them, and the memorization table."""
-    memorized, table = memorization(samples, [a.name for a in card.sensitive_attributes], params.report,
-                                    params.audit_bias.min_group_size)
+          withdrawn: frozenset[str], approved: Approved | None, run_id: str
+          ) -> tuple[list[Check], dict[str, MemorizationRow]]:
+    """Every check of the release, in the order the report shows them, and the memorization table; the last are
+    the candidate against the approved model (`approved`, None when no version is approved)."""
+    attributes = [a.name for a in card.sensitive_attributes]
+    memorized, table = memorization(samples, attributes, params.report, params.audit_bias.min_group_size)
     checks = [validation_check(validation)] + consent_checks(dataset, card, params, counts, training, withdrawn)
-    return checks + bias.checks + shift.checks + memorized, table
+    checks += bias.checks + shift.checks + memorized
+    return checks + regression_checks(samples, checks, attributes, approved, run_id, params.report), table
+
+
+def _worst(statuses: list[str]) -> str:
+    decided = [s for s in statuses if s != "not_applicable"]
+    return overall_status(decided) if decided or not statuses else "not_applicable"
 
 
 def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDecision:
-    """Approved only when no blocking check has a blocking status; advisory checks are shown, not counted."""
+    """Approved only when no blocking check has a blocking status; advisory checks are shown, not counted, and so
+    are not_applicable ones (an area with nothing else is not_applicable)."""
     decided = [c.model_copy(update={"blocking": not any(fnmatch.fnmatchcase(c.id, p) for p in settings.advisory)})
                for c in checks]
     blockers = [c.id for c in decided if c.blocking and c.status in settings.block_on]
@@ -79,8 +96,7 @@ def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDeci
     for area in AREAS:
         blocking = [c.status for c in decided if c.area == area and c.blocking]
         advisory = [c.status for c in decided if c.area == area and not c.blocking]
-        areas[area] = AreaStatus(status=overall_status(blocking),
-                                 advisory=overall_status(advisory) if advisory else None)
+        areas[area] = AreaStatus(status=_worst(blocking), advisory=_worst(advisory) if advisory else None)
     return ReleaseDecision(decision="blocked" if blockers else "approved", blocked_by=blockers, areas=areas,
                     policy=ReleasePolicy(block_on=list(settings.block_on), advisory=list(settings.advisory)),
                     checks=decided)

@@ -17,6 +17,10 @@ from pipeline.render import (
     text,
 )
 from pipeline.report.evidence import Evidence
+from pipeline.report.regression import NOT_APPLICABLE
+
+
+NOT_STATED = "not stated (a card of schema_version 1)"
 
 
 def figures(evidence: Evidence, area: str) -> list[str]:
@@ -54,7 +58,8 @@ def report_markdown(evidence: Evidence) -> str:
               "resampling noise.", "", "## Release checks", ""]
     lines += checks_table(checks) + evidence_table(checks)
     for section in (provenance_section, consent_section, validation_section, training_section, evaluation_section,
-                    bias_section, shift_section, memorization_section, overtrust_section, uses_section):
+                    bias_section, shift_section, memorization_section, regression_section, overtrust_section,
+                    uses_section):
         lines += section(evidence)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -73,6 +78,14 @@ def provenance_section(evidence: Evidence) -> list[str]:
     lines += ["Collection method per dataset:", ""]
     lines += [f"- **{text(name)}**: {text(item.card.provenance.collection_method)}"
               for name, item in evidence.datasets.items()] + [""]
+    for name, item in evidence.datasets.items():
+        prov = item.card.provenance
+        lines += [f"Data governance of **{text(name)}**:", ""]
+        lines += table(["what", "as the card states it"], [
+            ["original purpose of collection", text(prov.purpose or NOT_STATED)],
+            ["what the data is assumed to represent", text(prov.represents or NOT_STATED)],
+            ["data preparation applied", "; ".join(map(text, prov.preparation)) if prov.preparation
+             else text(NOT_STATED)]])
     rows = [[text(name), reason, text(REASONS.get(reason, "")), n] for name, item in evidence.datasets.items()
             for reason, n in sorted(item.counts.by_reason.items())]
     lines += [f"Quarantined records by reason (each is kept in `{INGESTED}/<dataset>/{QUARANTINE}`):", ""]
@@ -189,6 +202,20 @@ def memorization_section(evidence: Evidence) -> list[str]:
                    [[text(name), e.train_count, e.unseen_count, fmt(e.train_mse), fmt(e.unseen_mse), fmt(e.value),
                      fmt(e.interval), e.note or e.status] for name, e in evidence.memorization.items()])
     return lines
+
+
+def regression_section(evidence: Evidence) -> list[str]:
+    lines = ['<a id="regression"></a>', "", "## Compared with the approved model", ""]
+    checks = evidence.checks("regression")
+    if evidence.approved is None or all(c.id == NOT_APPLICABLE for c in checks):
+        reason = next((c.reason for c in checks if c.reason), "no approved version")
+        return lines + [f"Not applicable: {text(reason)}.", ""]
+    lines += [f"The candidate against `{evidence.model.registered_model}` {text(evidence.approved)}, the version "
+              "under alias `approved`. Reconstruction error and classifier accuracy are compared on the unseen "
+              "records both models evaluated (paired bootstrap); bias, shift and memorization checks by the growth "
+              "of their harm, with the difference of the two checks' intervals. Thresholds: "
+              "`report.max_regression`; an improvement is no harm.", ""]
+    return lines + checks_table(checks)
 
 
 def overtrust_section(evidence: Evidence) -> list[str]:

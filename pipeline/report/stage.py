@@ -32,7 +32,7 @@ from pipeline.contracts import (
 )
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
 from pipeline.policy import load_withdrawals
-from pipeline.registry import lineage_of_run, log_report, register_version
+from pipeline.registry import approved_version, lineage_of_run, log_report, register_version
 from pipeline.report.croissant import croissant
 from pipeline.report.evidence import DatasetEvidence, Evidence
 from pipeline.report.html import report_html
@@ -127,9 +127,10 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
     gathered = gather(params, cards_dir, layout)
     dataset, run, config = gathered.dataset, gathered.run, gathered.config
     withdrawn = load_withdrawals(layout.path(params.policy.withdrawals_file))
+    approved = approved_version(settings.registered_model)  # before log_report may move the alias
     checks, memorization = judge(params, dataset, gathered.cards[dataset], gathered.provenances[dataset].counts,
                                  gathered.validation, gathered.training, gathered.samples, gathered.bias,
-                                 gathered.shift, withdrawn)
+                                 gathered.shift, withdrawn, approved, run.run_id)
     decision = decide_release(checks, settings)
     lineage = lineage_of_run(run, layout.split_records(dataset, "train"), layout.root)
     training = gathered.training[["record_id", "sha256", "source_sha256"]]
@@ -148,7 +149,9 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         validation_failures=failure_lines(gathered.validation, "critical")
         + failure_lines(gathered.validation, "warning"),
         pretrain=gathered.pretrain, evaluation=gathered.evaluation, bias=gathered.bias, shift=gathered.shift,
-        memorization=memorization, data_hashes=lineage["hashes"], figures=collect_figures(layout, out))
+        memorization=memorization, approved=None if approved is None else
+        f"version {approved.version} (run {approved.run_id})", data_hashes=lineage["hashes"],
+        figures=collect_figures(layout, out))
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
     figures = [name for found in evidence.figures.values() for name, _ in found]

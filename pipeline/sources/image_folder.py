@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import mimetypes
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard
 from pipeline.params import ImageFolderSettings, IngestSettings
-from pipeline.sources.records import ImageProblem, SourceRecord, decode, sha256_bytes
+from pipeline.sources.records import Credentials, ImageProblem, SourceRecord, decode, sha256_bytes
+
+# the CAWG training-and-data-mining assertion, and the C2PA one it replaced
+TRAINING_MINING = re.compile(r"^(cawg|c2pa)\.training-mining(\.v\d+)?$")
 
 FILE_TYPES = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -119,6 +126,7 @@ def _image_record(folder: Path, relative: str, target: Path | None, record_id: s
                 raise ImageProblem("file_too_large", f"{size} bytes > ingest.max_file_bytes {ingest.max_file_bytes}")
             data = handle.read()
         record.source_sha256 = sha256_bytes(data)
+        record.credentials = read_credentials(data, relative)
         record.pixels = decode(data, settings.image_size, settings.channels, ingest.alpha_background,
                                ingest.max_image_pixels)
     except (FileNotFoundError, NotADirectoryError):
@@ -126,6 +134,45 @@ def _image_record(folder: Path, relative: str, target: Path | None, record_id: s
     except ImageProblem as problem:
         record.problem = (problem.reason, problem.detail)
     return record
+
+
+@lru_cache(maxsize=1)
+def _c2pa_formats() -> frozenset[str]:
+    import c2pa
+
+    return frozenset(c2pa.Reader.get_supported_mime_types())
+
+
+def read_credentials(data: bytes, relative: str) -> Credentials | None:
+    """The image's C2PA manifest as read and validated by c2pa-python, or None when it carries none (or is of a
+    format C2PA does not cover). A manifest that cannot be read is `unreadable`, never an exception."""
+    import c2pa
+
+    mime = mimetypes.guess_type(relative)[0]
+    if mime not in _c2pa_formats():
+        return None
+    try:
+        reader = c2pa.Reader.try_create(mime, io.BytesIO(data))
+        if reader is None:
+            return None
+        with reader:
+            state, manifest = reader.get_validation_state(), reader.get_active_manifest() or {}
+            failures = (reader.get_validation_results() or {}).get("activeManifest", {}).get("failure", [])
+    except (c2pa.C2paError, KeyError, ValueError) as exc:
+        return Credentials(state="unreadable", detail=str(exc).splitlines()[0][:300] if str(exc) else "unreadable")
+    entries = {}  # a malformed assertion keeps its raw value, which the policy then refuses as unknown
+    for assertion in manifest.get("assertions", []):
+        if isinstance(assertion, dict) and TRAINING_MINING.match(str(assertion.get("label", ""))):
+            data = assertion.get("data")
+            found = data.get("entries") if isinstance(data, dict) else data
+            entries.update({str(k): str(v.get("use")) if isinstance(v, dict) else repr(v) for k, v in found.items()}
+                           if isinstance(found, dict) else {"entries": repr(found)})
+    info = (manifest.get("claim_generator_info") or [{}])[0]
+    generator = manifest.get("claim_generator") or " ".join(str(info[k]) for k in ("name", "version") if info.get(k))
+    signature = manifest.get("signature_info") or {}
+    signer = ", ".join(str(signature[k]) for k in ("common_name", "issuer") if signature.get(k)) or None
+    return Credentials(state=str(state), entries=entries, claim_generator=generator or None, signer=signer,
+                       detail="; ".join(f"{f.get('code')}: {f.get('explanation')}" for f in failures)[:300])
 
 
 def _unlisted_record(folder: Path, relative: str, metadata_name: str) -> SourceRecord:

@@ -11,6 +11,21 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """An image's Content Credentials (its C2PA manifest), as read: `state` is the C2PA validation state
+    (`Trusted`: a signer on the trust list; `Valid`: intact and well signed, signer not on a trust list; `Invalid`:
+    the asset or the manifest was changed after signing, or the signature does not verify) or `unreadable` (a
+    manifest is there but cannot be parsed). `entries` are the training-and-data-mining assertion's entries
+    (entry -> its `use`), empty when the manifest has none."""
+
+    state: str
+    entries: dict[str, str] = field(default_factory=dict)
+    claim_generator: str | None = None
+    signer: str | None = None
+    detail: str = ""
+
+
 @dataclass
 class SourceRecord:
     record_id: str
@@ -20,6 +35,7 @@ class SourceRecord:
     source_sha256: str | None = None  # of the source file's bytes, or of the generator's raw output
     problem: tuple[str, str] | None = None  # (reason code, detail) when there is no usable image
     planted: str | None = None  # the governance defect a synthetic source planted on purpose
+    credentials: Credentials | None = None  # the image's C2PA manifest, where it carries one
 
 
 class ImageProblem(Exception):
