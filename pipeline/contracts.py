@@ -209,6 +209,7 @@ class ModelConfig(Contract):
     model: dict[str, int | float | bool | str]  # MaskedAutoencoderViT's constructor arguments
     preset: str
     mask_ratio: float
+    pool: str  # the feature the logged encoder returns (evaluate.pool)
     normalisation: NormalisationStats
     dataset: str
     train_md5: str
@@ -464,6 +465,7 @@ class ModelFacts(Contract):
     git_changed_paths: str
     preset: str
     mask_ratio: float
+    pool: str
     architecture: dict[str, int | float | bool | str]
 
 

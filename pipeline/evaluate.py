@@ -142,6 +142,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     torch.set_num_threads(settings.threads)
     trained = load_trained(layout)
     model, dataset, normalisation = trained.model, trained.dataset, trained.normalisation
+    pool = trained.config.pool  # the feature the logged encoder returns (pretrain took it from evaluate.pool)
     card = load_card(card_path(dataset, cards_dir))
     attributes = [attr.name for attr in card.sensitive_attributes]
     mask_ratio = settings.mask_ratio
@@ -170,8 +171,8 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
                                 "masked_loss": table["masked_loss"].mean(),
                                 "mse_random_init": table["recon_mse_random_init"].mean(),
                                 "mse_patch_mean": table["recon_mse_patch_mean"].mean()}
-        features["mae"][name] = embed(model, split.images, settings.pool, settings.batch_size)
-        features["random_init"][name] = embed(baseline_model, split.images, settings.pool, settings.batch_size)
+        features["mae"][name] = embed(model, split.images, pool, settings.batch_size)
+        features["random_init"][name] = embed(baseline_model, split.images, pool, settings.batch_size)
         features["raw_pixels"][name] = split.images.flatten(1).numpy()
         log.info("%s: %d images, hidden-pixel MSE %.4f (random init %.4f, patch mean %.4f)", name, len(table),
                  reconstruction[name]["mse"], reconstruction[name]["mse_random_init"],
@@ -196,7 +197,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))
-    raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": settings.pool,
+    raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": pool,
            "reconstruction": reconstruction, **scores}
     # rounded, so the DVC metrics do not change with the last bits of a float sum
     metrics = EvalMetrics.model_validate(json.loads(json.dumps(raw, default=float),

@@ -18,7 +18,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from pipeline.presets import PRESETS
+from pipeline.presets import POOLS, PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +230,15 @@ class MAEEncoder(nn.Module):
 
     Its state-dict keys are those of the released encoder checkpoints (cls_token, pos_embed,
     patch_embed.*, blocks.*, norm.*). It shares parameters with the MAE it was made from. `pool` picks
-    the feature: the class token ("cls") or the mean of the patch tokens ("avg", the global pooling the
-    reference uses for fine-tuning).
+    the feature (one of POOLS): the class token ("cls") or the mean of the patch tokens ("avg", the global
+    pooling the reference uses for fine-tuning). It has no default: the logged encoder, evaluation and the
+    audits all take it from `evaluate.pool`, so what is published is what was audited.
     """
 
-    def __init__(self, mae: MaskedAutoencoderViT, pool: str = "cls"):
+    def __init__(self, mae: MaskedAutoencoderViT, pool: str):
         super().__init__()
-        if pool not in ("cls", "avg"):
-            raise ValueError(f"pool must be 'cls' or 'avg', not {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, not {pool!r}")
         self.pool = pool
         self.patch_embed, self.cls_token, self.pos_embed = mae.patch_embed, mae.cls_token, mae.pos_embed
         self.blocks, self.norm = mae.blocks, mae.norm

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import PipelineError
+from pipeline.presets import POOLS, PRESETS
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -166,8 +167,6 @@ class PretrainSettings(_Strict):
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, value: str) -> str:
-        from pipeline.presets import PRESETS
-
         if value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(PRESETS)}")
         return value
@@ -176,7 +175,8 @@ class PretrainSettings(_Strict):
 class EvaluateSettings(_Strict):
     seed: int = Field(default=0, description="fixes the masks, so two models or runs compare on the same ones")
     mask_ratio: float = Field(gt=0, lt=1)
-    pool: Literal["cls", "avg"] = Field(default="avg", description="encoder feature: class token or mean patch token")
+    pool: Literal[POOLS] = Field(default="avg", description="encoder feature: class token or mean patch token; the "
+                                 "logged encoder returns it too")
     probe_c: float = Field(default=1.0, gt=0, description="inverse L2 strength of the logistic-regression probe")
     probe_max_iter: int = Field(default=1000, gt=0)
     knn_k: int = Field(default=20, gt=0)

@@ -12,3 +12,7 @@ PRESETS = {
     "huge": dict(embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512, decoder_depth=8,
                  decoder_num_heads=16),
 }
+
+# The encoder's feature: the class token or the mean patch token (MAEEncoder; evaluate.pool picks one).
+POOLS = ("avg", "cls")
+POOL_NAMES = {"avg": "the mean of the final patch tokens", "cls": "the final class token"}

@@ -112,10 +112,11 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, layout: Layout = Layout()) -> P
                   on_epoch)
     if not world.main:
         return None
-    return _finish(mlflow, step_log, model, model_args, settings, state, val_images, normalisation, layout, inputs)
+    return _finish(mlflow, step_log, model, model_args, settings, params.evaluate.pool, state, val_images, normalisation,
+                   layout, inputs)
 
 
-def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, val_images,
+def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, pool: str, state, val_images,
             normalisation: Normalisation, layout: Layout, inputs) -> PretrainMetrics:
     val_loss, baseline = masked_losses(model, val_images, settings.mask_ratio, settings.seed)
     metrics = PretrainMetrics(val_masked_loss=round(val_loss, 6), val_patch_mean_baseline=round(baseline, 6),
@@ -126,7 +127,7 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, v
     model = model.cpu()
     torch.save(model.state_dict(), layout.weights_file)
     write_json(layout.config_file, ModelConfig(model=model_args, preset=settings.preset, mask_ratio=settings.mask_ratio,
-                                               normalisation=normalisation.stats(), dataset=settings.dataset,
+                                               pool=pool, normalisation=normalisation.stats(), dataset=settings.dataset,
                                                train_md5=md5(inputs[0]), run_id=state.run_id))
     layout.pretrain_metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(layout.pretrain_metrics_file, metrics)
@@ -141,7 +142,7 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, state, v
     figure = reconstruction_figure(model, shown, masking_noise(len(shown), model.patch_embed.num_patches, settings.seed),
                                    normalisation, settings.mask_ratio, "validation images")
     figure.savefig(layout.reconstructions_figure, dpi=120)
-    encoder = MAEEncoder(model).eval()
+    encoder = MAEEncoder(model, pool).eval()  # the feature evaluate and the audits judged
     example = val_images[:2]
     with torch.no_grad():
         output = encoder(example)

@@ -12,11 +12,13 @@ import pytest
 import torch
 import yaml
 
+from pipeline.artifacts import Layout
 from pipeline.contracts import ClassifierScores, EvalMetrics
 from pipeline.evaluate import accuracy
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
 from pipeline.reconstruction import masking_noise, psnr, reconstruct
+from pipeline.trained import load_trained
 from tests.conftest import ROOT, Workspace, mlflow_env, small_params
 
 
@@ -113,3 +115,23 @@ def test_one_channel_dataset_without_labels_skips_probe_and_knn_and_says_why(tmp
     assert len(samples) == 1797 and samples["probe_correct"].isna().all()
     assert metrics.reconstruction["test"].mse > 0
     assert {p.name for p in (tmp_path / "reports" / "eval").glob("*.png")} == {"domain-sklearn_digits.png"}
+
+
+def test_the_logged_encoder_returns_the_feature_the_audits_judged(evaluated: Workspace):
+    """One pooling everywhere: the encoder in MLflow, config.json and the embeddings evaluate judged agree."""
+    root = evaluated.root
+    config = json.loads((root / "models" / "mae" / "config.json").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert config["pool"] == params["evaluate"]["pool"] == "avg"
+    assert json.loads((root / "metrics" / "eval.json").read_text())["pool"] == config["pool"]
+
+    mlflow.set_tracking_uri(evaluated.env["MLFLOW_TRACKING_URI"])
+    encoder = mlflow.pytorch.load_model(json.loads((root / "models" / "mae" / "run.json").read_text())["model_uri"])
+    val = pd.read_parquet(root / "data" / "prepared" / "synthetic" / "val.parquet")
+    pixels = np.load(root / "data" / "prepared" / "synthetic" / "val.npy")[:4]
+    images = load_trained(Layout(root)).normalisation.normalise(pixels)
+    with torch.no_grad():
+        logged = encoder(images).numpy()
+    embeddings = np.load(root / "data" / "eval" / "embeddings.npz")
+    rows = [list(embeddings["record_id"]).index(record) for record in val["record_id"][:4]]
+    assert np.allclose(logged, embeddings["mae"][rows], atol=1e-5)

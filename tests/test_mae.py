@@ -167,7 +167,7 @@ def test_mask_ratio_zero_is_the_feature_path():
     assert float(loss) == 0.0 and mask.sum() == 0
     latent, _, _ = model.forward_encoder(imgs, 0.0, torch.arange(64.0).expand(2, -1))  # identity order
     with torch.no_grad():
-        assert torch.allclose(MAEEncoder(model)(imgs), latent[:, 0], atol=1e-6)
+        assert torch.allclose(MAEEncoder(model, "cls")(imgs), latent[:, 0], atol=1e-6)
 
 
 def test_reference_checkpoints_load_full_and_encoder_only(tmp_path):
@@ -179,7 +179,7 @@ def test_reference_checkpoints_load_full_and_encoder_only(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
     target.load_state_dict(torch.load(full)["model"], strict=True)
 
-    encoder_only = {**MAEEncoder(source).state_dict(), "head.weight": torch.zeros(10, 96)}
+    encoder_only = {**MAEEncoder(source, "avg").state_dict(), "head.weight": torch.zeros(10, 96)}
     fresh = build("micro", 32, 4, 3)
     report = load_reference_checkpoint(fresh, encoder_only)
     assert report["unexpected"] == ["head.weight"]

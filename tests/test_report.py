@@ -279,7 +279,8 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=first["experiment_id"]) as run:
-        logged = mlflow.pytorch.log_model(MAEEncoder(build("micro", img_size=32, patch_size=4, in_chans=3)).eval(), name="encoder",
+        encoder = MAEEncoder(build("micro", img_size=32, patch_size=4, in_chans=3), "avg").eval()
+        logged = mlflow.pytorch.log_model(encoder, name="encoder",
                                           input_example=torch.zeros(1, 3, 32, 32).numpy())
         second_records = tmp_path / "training_records.csv"
         records.iloc[1:].to_csv(second_records, index=False)

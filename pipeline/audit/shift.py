@@ -513,7 +513,7 @@ def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data
                              evaluation.probe_max_iter)
         labels = unseen_records["label"].to_numpy()[chosen]
     suite, clean_errors, corrupted_errors = corruption_suite(model, unseen_pixels[chosen], labels, probe,
-                                                             normalisation, evaluation.mask_ratio, evaluation.pool,
+                                                             normalisation, evaluation.mask_ratio, trained.config.pool,
                                                              settings)
     checks.append(corruption_check(clean_errors, corrupted_errors, settings))
     result = ShiftResult(

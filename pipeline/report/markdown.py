@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pipeline.artifacts import BIAS, INGESTED, QUARANTINE, SHIFT, VALIDATION
 from pipeline.policy import REASONS
+from pipeline.presets import POOL_NAMES
 from pipeline.render import (
     checks_table,
     code,
@@ -140,6 +141,8 @@ def training_section(evidence: Evidence) -> list[str]:
         ["architecture", f"MAE ViT preset `{model.preset}`: {arch['img_size']} px images, patch {arch['patch_size']}, "
                          f"encoder {arch['depth']} x {arch['embed_dim']}, decoder {arch['decoder_depth']} x "
                          f"{arch['decoder_embed_dim']}, mask ratio {model.mask_ratio}"],
+        ["feature", f"{POOL_NAMES[model.pool]} (`{model.pool}`): what the logged encoder returns, and what the probe, "
+                    "kNN, drift and corruption checks judged"],
         ["trained on", f"{text(model.dataset)}: {evidence.training_records} training images"],
         ["epochs / steps", f"{metrics.epochs} / {metrics.steps}"],
         ["validation masked-patch loss", f"{metrics.val_masked_loss:.4f} against {metrics.val_patch_mean_baseline:.4f} "

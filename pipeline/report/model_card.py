@@ -3,6 +3,7 @@ the checks the release decided."""
 
 from __future__ import annotations
 
+from pipeline.presets import POOL_NAMES
 from pipeline.render import checks_table, code, evidence_table, text
 from pipeline.report.evidence import Evidence
 
@@ -22,7 +23,9 @@ def model_card(evidence: Evidence) -> str:
              "## Model details", "",
              f"A Masked Autoencoder (He et al., 2021) ViT encoder, preset `{model.preset}`, pretrained on "
              f"{text(model.dataset)} by hiding {model.mask_ratio:.0%} of each image's patches and reconstructing "
-             f"them. MLflow run `{model.run_id}`, git commit `{model.git_commit}`, logged model `{model.model_uri}`.",
+             f"them. The encoder returns {POOL_NAMES[model.pool]} (`{model.pool}`) per image, the feature every "
+             f"audit below judged. MLflow run `{model.run_id}`, git commit `{model.git_commit}`, logged model "
+             f"`{model.model_uri}`.",
              "", "## Intended use", ""]
     lines += [f"- {text(u)}" for u in trained.uses.intended]
     lines += ["", "Out of scope:", ""] + [f"- {text(u)}" for u in trained.uses.out_of_scope]

@@ -140,7 +140,7 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
                        model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
                        git_commit=lineage["git.commit"], git_dirty=lineage["git.dirty"],
                        git_changed_paths=lineage["git.changed_paths"], preset=config.preset,
-                       mask_ratio=config.mask_ratio, architecture=config.model)
+                       mask_ratio=config.mask_ratio, pool=config.pool, architecture=config.model)
     evidence = Evidence(
         model=model, release=decision,
         datasets={n: DatasetEvidence(gathered.cards[n], gathered.provenances[n].counts) for n in gathered.cards},
