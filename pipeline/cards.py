@@ -20,7 +20,7 @@ from pipeline.params import SOURCE_KINDS, read_yaml
 CONSENT_BASES = ("explicit_opt_in", "license_permits_training", "synthetic", "undocumented")
 # Manifest columns a sensitive attribute may not shadow.
 RESERVED_COLUMNS = frozenset(
-    "record_id dataset sha256 source_sha256 source_uri license consent_status consent_basis collected_at "
+    "record_id dataset sha256 phash source_sha256 source_uri license consent_status consent_basis collected_at "
     "contributor label domain c2pa_state c2pa_training c2pa_claim_generator c2pa_signer width height channels "
     "pixels_file pixels_index".split()
 )

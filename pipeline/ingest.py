@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from pipeline.policy import (
     record_license,
 )
 from pipeline.sources import source_records
-from pipeline.sources.records import SourceRecord, pixels_sha256
+from pipeline.sources.records import SourceRecord, perceptual_hash, pixels_sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ MANIFEST_FIELDS = [
     ("record_id", pa.string()),
     ("dataset", pa.string()),
     ("sha256", pa.string()),
+    ("phash", pa.string()),  # perceptual hash of the stored pixels, for near-duplicates (pipeline.near_duplicates)
     ("source_sha256", pa.string()),
     ("source_uri", pa.string()),
     ("license", pa.string()),
@@ -191,6 +192,7 @@ def _manifest_row(record: SourceRecord, card: DataCard, facts: RecordFacts, coll
         "record_id": record.record_id,
         "dataset": card.name,
         "sha256": facts.sha256,
+        "phash": perceptual_hash(record.pixels),
         "source_sha256": record.source_sha256,
         "source_uri": record.source_uri,
         "license": facts.license,
@@ -315,7 +317,7 @@ def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], 
     counts = Counts()
     seen_ids: set[str] = set()
     seen_images: set[str] = set()
-    planted: dict[str, str] = {}
+    planted: dict[str, dict] = {}
     source_digest = hashlib.sha256()
     with pq.ParquetWriter(tmp / MANIFEST, manifest_schema_) as manifest_writer, \
             pq.ParquetWriter(tmp / QUARANTINE, QUARANTINE_SCHEMA) as quarantine_writer:
@@ -327,7 +329,7 @@ def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], 
             counts.read += 1
             source_digest.update(f"{record.record_id}\0{record.source_sha256}\n".encode())
             if record.planted:
-                planted[record.record_id] = record.planted
+                planted[record.record_id] = {k: v for k, v in asdict(record.planted).items() if v is not None}
             decision, facts, collected_at = _judge(record, card, params, withdrawn, seen_ids, seen_images)
             if decision.accepted:
                 seen_images.add(facts.sha256)
@@ -348,7 +350,8 @@ def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], 
                     "source_sha256": record.source_sha256, "sha256": facts.sha256, "license": facts.license,
                     "consent_status": facts.consent_status,
                     "domain": _text(record.metadata.get(card.domains.column)) if card.domains.column else card.name,
-                    "reason": decision.reason, "detail": decision.detail, "planted": record.planted,
+                    "reason": decision.reason, "detail": decision.detail,
+                    "planted": record.planted.defect if record.planted else None,
                 })
                 if len(quarantine.rows) >= params.ingest.shard_size:
                     quarantine.flush()

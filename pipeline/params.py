@@ -36,6 +36,9 @@ class DefectRates(_Strict):
     consent_missing: float = Field(default=0.0, ge=0, le=1)
     license_disallowed: float = Field(default=0.0, ge=0, le=1)
     duplicate_image: float = Field(default=0.0, ge=0, le=1)
+    near_duplicate: float = Field(default=0.0, ge=0, lt=1, description="accepted near-copies of earlier records: "
+                                                                       "re-encoded, resized, brightness-shifted or "
+                                                                       "cropped")
 
     @model_validator(mode="after")
     def _total_below_one(self) -> DefectRates:
@@ -119,6 +122,9 @@ class ValidationSettings(_Strict):
     quarantine_fraction_warning: float = Field(ge=0, le=1)
     quarantine_fraction_critical: float = Field(ge=0, le=1)
     examples: int = Field(default=5, ge=0)
+    near_duplicate_distance: int = Field(ge=0, le=63, description="perceptual hashes at most this many bits apart "
+                                                                  "are near-duplicates (validate warns, prepare "
+                                                                  "keeps them in one split)")
 
     @model_validator(mode="after")
     def _ordered(self) -> ValidationSettings:

@@ -1,12 +1,15 @@
 """Split each validated dataset into train / val / test and keep held-out domains apart.
 
-Runs only after validation passed. Each record's split is a function of its own image and the seed
-alone: the BLAKE2b hash of (`prepare.seed`, sha256), read as a number u in [0, 1), puts it in `test`
-when u < test_fraction, in `val` when u < test_fraction + val_fraction, else in `train`. So withdrawing
-or adding records never moves another record between splits (audits before and after a withdrawal
-compare the same images), the same image lands in the same split in every dataset, and another seed
-draws another assignment. Records from the card's held-out domains never enter training; they form the
-`heldout` split the shift audit reads.
+Runs only after validation passed. Each record's split is a function of its near-duplicate group and the
+seed alone: the group (pipeline.near_duplicates, across all datasets) is named by the smallest sha256 in it,
+a record without near-duplicates by its own image, and the BLAKE2b hash of (`prepare.seed`, that sha256),
+read as a number u in [0, 1), puts it in `test` when u < test_fraction, in `val` when u < test_fraction +
+val_fraction, else in `train`. So no near-copy it finds of a test image is trained on, withdrawing or adding
+records moves no record outside the groups they belong to (audits before and after a withdrawal compare the
+same images), the same image lands in the same split in every dataset, and another seed draws another
+assignment. Records from the card's held-out domains never enter training; they form the `heldout` split the
+shift audit reads (a group reaching across a held-out domain is logged as a warning: its held-out images stay
+held out).
 
 Stratification by domain and sensitive group comes from the hash ignoring both, so it holds within a
 stated tolerance rather than exactly: in a stratum (domain x sensitive attribute values) of n records,
@@ -30,12 +33,14 @@ from scipy.stats import binom
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
+from pipeline.near_duplicates import group_keys
 from pipeline.params import DEFAULT_PARAMS, PrepareSettings, load_params
 from pipeline.artifacts import SPLITS, Layout, read_table
 
 log = logging.getLogger(__name__)
 
 STRATUM_CONFIDENCE = 0.999  # the stated stratification tolerance (see the module docstring)
+GROUP = "near_duplicate_group"  # the smallest sha256 of a record's near-duplicate group: what decides its split
 
 
 def strata(manifest: pd.DataFrame, card: DataCard) -> pd.Series:
@@ -51,9 +56,19 @@ def unit_hash(seed: int, sha256: str) -> float:
     return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
-def assign_splits(manifest: pd.DataFrame, card: DataCard, settings: PrepareSettings) -> pd.Series:
-    """The split of every record, indexed like the manifest; no record's split depends on any other record."""
-    u = manifest["sha256"].map(lambda sha256: unit_hash(settings.seed, sha256)).to_numpy(dtype=np.float64)
+def near_duplicate_groups(manifests: dict[str, pd.DataFrame], max_distance: int) -> dict[str, pd.Series]:
+    """Each record's near-duplicate group key, found across every dataset, indexed like its manifest."""
+    records = pd.concat([m[["sha256", "phash"]] for m in manifests.values()], ignore_index=True)
+    keys = group_keys(records, max_distance).to_numpy()
+    ends = np.cumsum([len(m) for m in manifests.values()])
+    return {name: pd.Series(keys[end - len(m):end], index=m.index, name=GROUP)
+            for (name, m), end in zip(manifests.items(), ends)}
+
+
+def assign_splits(manifest: pd.DataFrame, card: DataCard, settings: PrepareSettings, key: str = "sha256") -> pd.Series:
+    """The split of every record, indexed like the manifest: a function of its domain and its `key` (its image, or
+    its near-duplicate group) alone, never of the other records."""
+    u = manifest[key].map(lambda sha256: unit_hash(settings.seed, sha256)).to_numpy(dtype=np.float64)
     below_test, below_val = u < settings.test_fraction, u < settings.test_fraction + settings.val_fraction
     split = pd.Series(np.select([below_test, below_val], ["test", "val"], "train"), index=manifest.index,
                       dtype=object)
@@ -78,11 +93,12 @@ def stratum_shares(assigned: pd.DataFrame, card: DataCard, settings: PrepareSett
     return table.sort_values(["stratum", "split"], ignore_index=True)
 
 
-def leaks(assigned: pd.DataFrame) -> pd.DataFrame:
-    """Images (by sha256) assigned to more than one split, across every dataset."""
-    splits_per_image = assigned.groupby("sha256")["split"].nunique()
-    leaked = splits_per_image[splits_per_image > 1].index
-    return assigned[assigned["sha256"].isin(leaked)].sort_values(["sha256", "split"])
+def leaks(assigned: pd.DataFrame, key: str = "sha256") -> pd.DataFrame:
+    """Images (by sha256), or near-duplicate groups (by GROUP), assigned to more than one split, across every
+    dataset."""
+    splits_per_key = assigned.groupby(key)["split"].nunique()
+    leaked = splits_per_key[splits_per_key > 1].index
+    return assigned[assigned[key].isin(leaked)].sort_values([key, "split"])
 
 
 def split_sizes(assigned: pd.DataFrame, card: DataCard) -> dict:
@@ -105,6 +121,15 @@ def _warn_outside_tolerance(dataset: str, shares: pd.DataFrame) -> None:
         log.warning("%s: stratum %s has %d of %d records in %s (%.1f%%), outside the %g%% binomial interval "
                     "[%d, %d] around %.1f%%", dataset, row["stratum"], row["count"], row["n"], row["split"],
                     100 * row["share"], 100 * STRATUM_CONFIDENCE, row["low"], row["high"], 100 * row["target"])
+
+
+def _warn_groups_across_held_out_domains(spanning: pd.DataFrame) -> None:
+    """Held-out domains are the cards' choice, not the images': a group with images in one and in another domain
+    is split by it (moving either side would put a domain's images in the wrong place)."""
+    if not spanning.empty:
+        examples = ", ".join(f"{r.dataset}/{r.record_id} in {r.split}" for r in spanning.head(6).itertuples())
+        log.warning("%d near-duplicate groups reach across a held-out domain: their images in it stay in heldout, "
+                    "the others follow the group's split (%s)", spanning[GROUP].nunique(), examples)
 
 
 def _require_validation(layout: Layout, datasets: list[str]) -> None:
@@ -135,16 +160,19 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
     _require_validation(layout, names)
     assigned: dict[str, pd.DataFrame] = {}
     cards: dict[str, DataCard] = {}
-    for name in names:
+    manifests = {name: read_table(layout.manifest(name)) for name in names}
+    groups = near_duplicate_groups(manifests, params.validation.near_duplicate_distance)
+    for name, manifest in manifests.items():
         cards[name] = load_card(card_path(name, cards_dir))
-        manifest = read_table(layout.manifest(name))
-        assigned[name] = manifest.assign(split=assign_splits(manifest, cards[name], params.prepare))
+        manifest = manifest.assign(**{GROUP: groups[name]})
+        assigned[name] = manifest.assign(split=assign_splits(manifest, cards[name], params.prepare, key=GROUP))
         _warn_outside_tolerance(name, stratum_shares(assigned[name], cards[name], params.prepare))
-    combined = pd.concat([frame[["dataset", "record_id", "sha256", "split"]] for frame in assigned.values()])
+    combined = pd.concat([frame[["dataset", "record_id", "sha256", GROUP, "split"]] for frame in assigned.values()])
     leaked = leaks(combined)
     if not leaked.empty:
         examples = ", ".join(f"{r.dataset}/{r.record_id} in {r.split}" for r in leaked.head(6).itertuples())
         raise PipelineError(f"leakage: {leaked['sha256'].nunique()} images appear in more than one split ({examples})")
+    _warn_groups_across_held_out_domains(leaks(combined, GROUP))
 
     shutil.rmtree(layout.prepared(), ignore_errors=True)
     sizes = {}

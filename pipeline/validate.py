@@ -5,6 +5,8 @@ Each dataset is checked as three tables:
 - records: the manifest plus per-image pixel statistics (schema, governance, identity, content);
 - dataset: one row holding the card's governance fields and ingest's counts (the card as data);
 - coverage: one row per declared sensitive-attribute value with its count.
+Near-duplicate images (perceptual hashes within `validation.near_duplicate_distance` bits, within and across
+datasets) are a warning naming the pairs, all of them listed in near_duplicates.csv.
 Every expectation carries GX's own `severity`; only a failed critical one stops the pipeline. An
 expectation that raised inside GX counts as failed, never as passed.
 """
@@ -25,6 +27,7 @@ import pandas as pd
 from pipeline.artifacts import Layout, read_table, write_json
 from pipeline.cards import CONSENT_BASES, DataCard, card_digest, card_path, load_card, spdx_problem
 from pipeline.contracts import DatasetValidation, ExpectationOutcome, Provenance, ValidationSummary
+from pipeline.near_duplicates import pair_table
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
 from pipeline.policy import card_decision, license_allowed, load_withdrawals
 
@@ -34,10 +37,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 ASSETS = ("records", "dataset", "coverage")
 REQUIRED_COLUMNS = {
-    "record_id": "str", "dataset": "str", "sha256": "str", "source_sha256": "str", "source_uri": "str",
-    "license": "str", "consent_status": "str", "consent_basis": "str", "domain": "str",
+    "record_id": "str", "dataset": "str", "sha256": "str", "phash": "str", "source_sha256": "str",
+    "source_uri": "str", "license": "str", "consent_status": "str", "consent_basis": "str", "domain": "str",
     "width": "int32", "height": "int32", "channels": "int32", "pixels_file": "str", "pixels_index": "int32",
 }
+PHASH = r"[0-9a-f]{16}"  # records.perceptual_hash: 64 bits as hex
+NEAR_DUPLICATES = "near_duplicates.csv"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,31 @@ def pixel_stats(manifest: pd.DataFrame, folder: Path) -> pd.DataFrame:
         flat = images.reshape(len(rows), -1)
         means[rows], stds[rows] = flat.mean(axis=1), flat.std(axis=1)
     return manifest.assign(pixel_mean=means, pixel_std=stds)
+
+
+def near_duplicate_pairs(manifests: dict[str, pd.DataFrame], max_distance: int) -> pd.DataFrame:
+    """Near-duplicate pairs among every dataset's records (those with a well-formed hash: a missing or malformed
+    one fails its own check)."""
+    records = pd.concat([m[["record_id", "phash"]].assign(dataset=name) for name, m in manifests.items()
+                         if "phash" in m] or [pd.DataFrame(columns=["record_id", "phash", "dataset"])],
+                        ignore_index=True)
+    return pair_table(records[records["phash"].str.fullmatch(PHASH, na=False)], max_distance)
+
+
+def near_duplicate_column(manifest: pd.DataFrame, dataset: str, near: pd.DataFrame) -> pd.Series:
+    """Per record, its near-duplicates as `<record> ~ <dataset>/<record> (distance <bits>); ...`; null when it has
+    none."""
+    sides = pd.concat([
+        near.rename(columns={"dataset": "ds", "record_id": "id", "other_dataset": "partner_ds",
+                             "other_record_id": "partner"}),
+        near.rename(columns={"other_dataset": "ds", "other_record_id": "id", "dataset": "partner_ds",
+                             "record_id": "partner"}),
+    ])
+    mine = sides[sides["ds"] == dataset].sort_values(["distance", "partner_ds", "partner"])
+    described = mine["partner_ds"] + "/" + mine["partner"] + " (distance " + mine["distance"].astype(str) + ")"
+    partners = described.groupby(mine["id"]).agg("; ".join)
+    found = manifest["record_id"].map(partners)
+    return (manifest["record_id"] + " ~ " + found).where(found.notna(), None).rename("near_duplicates")
 
 
 def dataset_table(card: DataCard, provenance: Provenance, card_file: Path) -> pd.DataFrame:
@@ -150,6 +180,14 @@ def build_checks(card: DataCard, params: Params, manifest: pd.DataFrame, others:
     # identity
     for column in ("record_id", "sha256"):
         add("records", f"identity.{column}_unique", gxe.ExpectColumnValuesToBeUnique, critical, column=column)
+    add("records", "identity.phash_present", gxe.ExpectColumnValuesToNotBeNull, critical, column="phash")
+    add("records", "identity.phash_well_formed", gxe.ExpectColumnValuesToMatchRegex, critical, column="phash",
+        regex=f"^{PHASH}$")
+    # a warning: near-copies may stay in the data, as prepare keeps each group in one split; its examples quote the
+    # pairs, not only record ids
+    name = "identity.no_near_duplicates"
+    checks.append(Check("records", name, gxe.ExpectColumnValuesToBeNull(
+        severity=warning, column="near_duplicates", meta={"check": name, "quote": "values"})))
     if others.record_ids:
         add("records", "identity.record_id_unique_across_datasets", gxe.ExpectColumnValuesToNotBeInSet, critical,
             column="record_id", value_set=sorted(others.record_ids))
@@ -236,9 +274,11 @@ def _exception(result) -> str | None:
     return "; ".join(messages) or None
 
 
-def _examples(result, limit: int) -> list:
+def _examples(result, limit: int, quote_values: bool = False) -> list:
+    """Record ids of unexpected rows (else the values), or the values where they say more (near-duplicate pairs)."""
     found = result.result or {}
-    ids = [row.get("record_id") for row in found.get("unexpected_index_list") or [] if isinstance(row, dict)]
+    rows = [] if quote_values else found.get("unexpected_index_list") or []
+    ids = [row.get("record_id") for row in rows if isinstance(row, dict)]
     ids = [i for i in ids if i is not None]
     values = ids or found.get("partial_unexpected_list") or []
     return [v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for v in values[:limit]]
@@ -290,7 +330,8 @@ def run_checks(tables: dict[tuple[str, str], pd.DataFrame], checks: dict[str, li
                     "unexpected_count": _jsonable(found.get("unexpected_count")),
                     "element_count": _jsonable(found.get("element_count")),
                     "observed_value": _jsonable(found.get("observed_value")),
-                    "examples": [] if item.success and error is None else _examples(item, examples),
+                    "examples": [] if item.success and error is None else _examples(
+                        item, examples, quote_values=(config.meta or {}).get("quote") == "values"),
                     "exception": error,
                 })
     context.build_data_docs()
@@ -329,7 +370,7 @@ def failure_lines(summary: ValidationSummary, severity: str = "critical") -> lis
     return lines
 
 
-def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path) -> str:
+def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_pairs: int, distance: int) -> str:
     """A static index that opens offline (GX's own index renders its tables with JavaScript from CDNs)."""
     esc = html.escape
     parts = [
@@ -341,6 +382,8 @@ def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path) -> st
         f"<p>{summary.failed_critical} critical and {summary.failed_warning} warning expectations failed. "
         "Great Expectations' own pages for each suite are linked below (they need a network connection for "
         "their styling; their content reads without it).</p>",
+        f"<p>{near_pairs} near-duplicate pairs (perceptual hashes at most {distance} bits apart, within and across "
+        f"datasets): <a href='{NEAR_DUPLICATES}'>{NEAR_DUPLICATES}</a>.</p>",
     ]
     for dataset, info in summary.datasets.items():
         parts.append(f"<h2>{esc(dataset)}</h2><p>{info.evaluated} expectations evaluated, {info.failed} failed "
@@ -373,27 +416,31 @@ def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path) -> st
 def tables_and_checks(params: Params, cards: dict[str, DataCard], manifests: dict[str, pd.DataFrame],
                       provenances: dict[str, Provenance], cards_dir: Path, layout: Layout,
                       withdrawn: frozenset[str]):
-    """The tables GX validates and the checks for each dataset."""
+    """The tables GX validates, the checks for each dataset, and the near-duplicate pairs across all of them."""
     tables: dict[tuple[str, str], pd.DataFrame] = {}
     checks: dict[str, list[Check]] = {}
+    near = near_duplicate_pairs(manifests, params.validation.near_duplicate_distance)
     for name, manifest in manifests.items():
         others = [m for other, m in manifests.items() if other != name]
         seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
                       frozenset().union(*(set(m.sha256) for m in others)))
-        tables[(name, "records")] = pixel_stats(manifest, layout.ingested(name))
+        records = manifest.assign(near_duplicates=near_duplicate_column(manifest, name, near))
+        tables[(name, "records")] = pixel_stats(records, layout.ingested(name))
         tables[(name, "dataset")] = dataset_table(cards[name], provenances[name], card_path(name, cards_dir))
         tables[(name, "coverage")] = coverage_table(manifest, cards[name])
         checks[name] = build_checks(cards[name], params, manifest, seen, withdrawn)
-    return tables, checks
+    return tables, checks, near
 
 
-def write_report(tables, checks, params: Params, out_dir: Path) -> ValidationSummary:
-    """Run the checks, and write Data Docs, index.html and summary.json under out_dir."""
+def write_report(tables, checks, near: pd.DataFrame, params: Params, out_dir: Path) -> ValidationSummary:
+    """Run the checks, and write Data Docs, index.html, summary.json and near_duplicates.csv under out_dir."""
     shutil.rmtree(out_dir, ignore_errors=True)
     docs_dir = out_dir / "gx"
     summary = summarise(run_checks(tables, checks, docs_dir, params.validation.examples))
     write_json(out_dir / "summary.json", summary)
-    (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir))
+    near.to_csv(out_dir / NEAR_DUPLICATES, index=False)
+    (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir, len(near),
+                                                    params.validation.near_duplicate_distance))
     return summary
 
 
@@ -404,5 +451,5 @@ def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}
     manifests = {name: read_table(layout.manifest(name)) for name in params.datasets}
     provenances = {name: layout.provenance(name) for name in params.datasets}
-    tables, checks = tables_and_checks(params, cards, manifests, provenances, cards_dir, layout, withdrawn)
-    return write_report(tables, checks, params, layout.validation)
+    tables, checks, near = tables_and_checks(params, cards, manifests, provenances, cards_dir, layout, withdrawn)
+    return write_report(tables, checks, near, params, layout.validation)

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.cards import DataCard
 from pipeline.params import PrepareSettings
-from pipeline.prepare import assign_splits, leaks, stratum_shares
+from pipeline.prepare import GROUP, assign_splits, leaks, stratum_shares
 from pipeline.sources.records import pixels_sha256
 from tests.conftest import ROOT, Workspace, default_params
 
@@ -138,8 +138,11 @@ def test_prepare_writes_aligned_pixels_deterministically_and_a_withdrawal_moves_
     second = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert first == second
 
-    # a training record withdrawn and the data re-ingested: it leaves training, and no other record moves
-    withdrawn = parts["train"].record_id.iloc[0]
+    # a training record withdrawn and the data re-ingested: it leaves training, and no other record moves (one
+    # without near-duplicates: a group's members share its split, tests/test_near_duplicates.py)
+    every = pd.concat(parts.values())
+    alone = every.groupby(GROUP)[GROUP].transform("size") == 1
+    withdrawn = every[alone & every.split.eq("train")].record_id.iloc[0]
     with (validated.root / "data_cards" / "withdrawals.csv").open("a") as handle:
         handle.write(f"{withdrawn},2026-01-01,\n")
     validated.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",))

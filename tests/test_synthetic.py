@@ -38,7 +38,7 @@ def test_group_proportions_and_defect_rates_follow_params():
     records = generate(num_images=2000)
     groups = Counter(r.metadata["group"] for r in records)
     assert 0.07 < groups["group_b"] / 2000 < 0.13
-    planted = Counter(r.planted for r in records if r.planted)
+    planted = Counter(r.planted.defect for r in records if r.planted)
     for defect, rate in small_params()["datasets"]["synthetic"]["defects"].items():
         assert abs(planted[defect] / 2000 - rate) < 0.012, defect
     clean = generate(num_images=200, defects={})

@@ -46,9 +46,9 @@ def loaded(space: Workspace, withdrawn: frozenset[str] = frozenset()):
     manifests = {n: pd.read_parquet(space.ingested(n) / "manifest.parquet") for n in params.datasets}
     layout = Layout(space.root)
     provenances = {n: layout.provenance(n) for n in params.datasets}
-    tables, checks = tables_and_checks(params, cards, manifests, provenances, space.root / "data_cards", layout,
-                                       withdrawn)
-    return params, tables, checks
+    tables, checks, near = tables_and_checks(params, cards, manifests, provenances, space.root / "data_cards",
+                                             layout, withdrawn)
+    return params, tables, checks, near
 
 
 def outcome(summary: ValidationSummary, dataset: str, check: str) -> ExpectationOutcome:
@@ -84,7 +84,7 @@ def _copy(records: pd.DataFrame, row: int, record_id: str, **changes) -> pd.Data
 
 def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspace, tmp_path: Path):
     with inside(ingested.root):
-        params, tables, checks = loaded(ingested, withdrawn=frozenset({"inj-withdrawn-id"}))
+        params, tables, checks, near = loaded(ingested, withdrawn=frozenset({"inj-withdrawn-id"}))
         records = tables[("synthetic", "records")]
         digits_sha = tables[("sklearn_digits", "records")].sha256.iloc[0]
         late = pd.Timestamp(datetime(2031, 1, 1, tzinfo=timezone.utc))
@@ -108,7 +108,7 @@ def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspa
         tables[("synthetic", "dataset")] = tables[("synthetic", "dataset")].assign(
             quarantined_fraction=0.5, card_spdx_valid=False)
         # the checks are built from the card and params, not from the data they check
-        summary = write_report(tables, checks, params, tmp_path / "report")
+        summary = write_report(tables, checks, near, params, tmp_path / "report")
 
     expected = {
         "governance.consent_status_accepted": "inj-withdrawn",
@@ -144,9 +144,9 @@ def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspa
 
 def test_an_expectation_that_errors_counts_as_failed(ingested: Workspace, tmp_path: Path):
     with inside(ingested.root):
-        params, tables, checks = loaded(ingested)
+        params, tables, checks, near = loaded(ingested)
         tables[("synthetic", "records")] = tables[("synthetic", "records")].drop(columns=["license"])
-        summary = write_report(tables, checks, params, tmp_path / "report")
+        summary = write_report(tables, checks, near, params, tmp_path / "report")
     for check in ("schema.license", "governance.license_present", "governance.license_allowed"):
         found = outcome(summary, "synthetic", check)
         assert not found.success and found.exception, check

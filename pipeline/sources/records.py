@@ -1,4 +1,5 @@
-"""What a source hands to ingest, and the one way raw images become stored pixels (`stored_pixels`)."""
+"""What a source hands to ingest, the one way raw images become stored pixels (`stored_pixels`), and what
+ingest computes from stored pixels (`pixels_sha256`, `perceptual_hash`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from io import BytesIO
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -26,6 +28,17 @@ class Credentials:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Planted:
+    """What a synthetic source planted on purpose (written to planted.json), so tests can check it is caught: a
+    governance defect, or a near-duplicate with the way it was altered (`kind`); `original` names the record a
+    copy was made from."""
+
+    defect: str
+    kind: str | None = None
+    original: str | None = None
+
+
 @dataclass
 class SourceRecord:
     record_id: str
@@ -34,7 +47,7 @@ class SourceRecord:
     pixels: np.ndarray | None = None  # uint8 [height, width, channels] at the configured size
     source_sha256: str | None = None  # of the source file's bytes, or of the generator's raw output
     problem: tuple[str, str] | None = None  # (reason code, detail) when there is no usable image
-    planted: str | None = None  # the governance defect a synthetic source planted on purpose
+    planted: Planted | None = None  # what a synthetic source planted on purpose
     credentials: Credentials | None = None  # the image's C2PA manifest, where it carries one
 
 
@@ -53,6 +66,13 @@ def pixels_sha256(pixels: np.ndarray) -> str:
     """Digest of the exact stored pixels, shape included, so equal digests mean equal images."""
     header = "x".join(str(d) for d in pixels.shape).encode()
     return hashlib.sha256(header + b":" + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def perceptual_hash(pixels: np.ndarray) -> str:
+    """The 64-bit DCT hash (imagehash.phash) of stored pixels as 16 hex digits: a re-encoded, resized,
+    brightness-shifted or slightly cropped copy differs from its original in few bits (pipeline.near_duplicates)."""
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+    return str(imagehash.phash(image))
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -6,7 +6,8 @@ Built so the audits have something true to find:
   group reconstructs the other worse only because it saw less of it (the bias audit must catch this);
 - acquisition sites differ by camera effects (blur, noise, colour cast); the card holds one out
   (the shift audit must flag it);
-- governance defects are planted at configured rates and each record says which one it carries.
+- governance defects are planted at configured rates and each record says which one it carries; exact copies
+  and near-copies (`near_copy`) name the earlier record they were made from.
 Each record draws from its own generator seeded by (seed, index), so record i does not depend on
 how many records are generated.
 """
@@ -15,17 +16,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
+from io import BytesIO
 
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from pipeline.cards import DataCard
 from pipeline.params import IngestSettings, SyntheticSettings
-from pipeline.sources.records import SourceRecord, sha256_bytes
+from pipeline.sources.records import Planted, SourceRecord, sha256_bytes, stored_pixels
 
 SHAPES = ("circle", "square", "triangle", "cross")
 SUPERSAMPLE = 2
-DEFECTS = ("consent_withdrawn", "consent_missing", "license_disallowed", "duplicate_image")
+# in the order their rates are stacked: a new defect goes last, so the records of the others stay the same
+DEFECTS = ("consent_withdrawn", "consent_missing", "license_disallowed", "duplicate_image", "near_duplicate")
+NEAR_COPIES = ("reencoded", "resized", "brightness", "cropped")
+SOURCE_SCALE = 8  # a crop takes a few pixels off a source image this many times the stored size
 
 
 def _choice(rng: np.random.Generator, shares: dict[str, object]) -> str:
@@ -130,30 +136,64 @@ def _clean_record(settings: SyntheticSettings, card: DataCard, index: int) -> tu
     return record, defect
 
 
+def near_copy(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Stored pixels altered the way copies of an image circulate: a JPEG round trip, scaled down and back up, a
+    brightness shift, or a crop of a few pixels of the source image (a fraction of a stored pixel) scaled back."""
+    size, channels = pixels.shape[0], pixels.shape[2]
+    if kind == "brightness":
+        shift = int(rng.choice([-1, 1]) * rng.integers(8, 25))
+        return np.clip(pixels.astype(np.int16) + shift, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels)
+    if kind == "reencoded":
+        encoded = BytesIO()
+        image.save(encoded, "JPEG", quality=int(rng.integers(75, 96)))
+        return stored_pixels(Image.open(encoded), size, channels)
+    if kind == "resized":
+        smaller = round(size * rng.uniform(0.6, 0.85))
+        return stored_pixels(image.resize((smaller, smaller), Image.Resampling.BICUBIC), size, channels)
+    if kind == "cropped":
+        box = np.zeros(4)
+        sides = rng.choice(4, size=int(rng.integers(1, 3)), replace=False)
+        box[sides] = rng.integers(1, 5, size=len(sides)) / SOURCE_SCALE
+        left, top, right, bottom = box
+        return stored_pixels(image.resize((size, size), Image.Resampling.BICUBIC,
+                                          box=(left, top, size - right, size - bottom)), size, channels)
+    raise ValueError(f"unknown near-copy kind {kind!r}")
+
+
 def records(card: DataCard, settings: SyntheticSettings, ingest: IngestSettings) -> Iterator[SourceRecord]:
     for index in range(settings.num_images):
         record, defect = _clean_record(settings, card, index)
+        planted = Planted(defect) if defect else None
         if defect == "consent_withdrawn":
             record.metadata["consent"] = "withdrawn"
         elif defect == "consent_missing":
             record.metadata["consent"] = None
         elif defect == "license_disallowed":
             record.metadata["license"] = settings.disallowed_license
-        elif defect == "duplicate_image":
-            original = _duplicate_source(settings, index)
+        elif defect in ("duplicate_image", "near_duplicate"):
+            original = _original(settings, index)
             if original is None:
-                defect = None
+                planted = None
             else:
                 copy, _ = _clean_record(settings, card, original)
                 copy.record_id, copy.source_uri = record.record_id, record.source_uri
                 copy.metadata["subject"] = record.metadata["subject"]
                 record = copy
-        record.planted = defect
+                kind = None
+                if defect == "near_duplicate":
+                    rng = np.random.default_rng([settings.seed, index, 2])
+                    kind = NEAR_COPIES[int(rng.integers(len(NEAR_COPIES)))]
+                    record.pixels = near_copy(record.pixels, kind, rng)
+                    record.source_sha256 = sha256_bytes(record.pixels.tobytes())
+                planted = Planted(defect, kind, f"{card.name}-{original:06d}")
+        record.planted = planted
         yield record
 
 
-def _duplicate_source(settings: SyntheticSettings, index: int) -> int | None:
-    """An earlier record without a defect of its own, so the copy is the second accepted instance."""
+def _original(settings: SyntheticSettings, index: int) -> int | None:
+    """An earlier record without a defect of its own, so an exact copy is the second accepted instance and a
+    near-copy has its original among the accepted records."""
     rng = np.random.default_rng([settings.seed, index, 1])
     for _ in range(32):
         if index == 0:
