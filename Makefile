@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_WORKERS ?= 2
 
-# Debian's chromium opens the governance report in a test; installed once, with sudo when not root.
+# Debian packages tests need (chromium, postgresql), installed once, with sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test ui install browser clean balanced readme
+.PHONY: run test ui install browser postgres clean balanced readme
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
 		echo "installing Debian's chromium (the report test opens report.html in it)"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+# Debian's PostgreSQL: a test starts a private cluster of it behind a real `mlflow server`; installed the same way.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "installing Debian's postgresql (a test runs MLflow on a PostgreSQL-backed tracking server)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
 
 ## Run the whole pipeline on the embedded default data; ends with the release decision.
 run: $(STAMP)
@@ -43,7 +49,7 @@ readme: $(STAMP)
 	$(BIN)/python -m pipeline results --root $(BALANCED) --command "make balanced" --readme README.md --block balanced
 
 ## Run the test suite.
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## The MLflow UI on the project's store at http://127.0.0.1:5000

@@ -27,6 +27,8 @@ from pipeline.artifacts import read_json, write_json
 from pipeline.contracts import Provenance, RunRecord
 
 HEALTH_TIMEOUT_S = 5
+# the cheapest read of the tracking store (a 404 when the experiment is gone still proves the store answers)
+STORE_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
 # MLflow retries a failed request 7 times with backoff factor 2 and a 120 s timeout (about 4 minutes of
 # retries on a closed port); a few short retries ride out a server restart without hiding a dead server.
 HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -70,22 +72,33 @@ def unreachable(uri: str, reason: str) -> PipelineError:
                          "MLFLOW_TRACKING_URI at a running one")
 
 
-@functools.cache
-def check_server(uri: str) -> None:
-    """GET <uri>/health once per process. Only a failure to connect means unreachable: a server that answers
-    with an HTTP error or a certificate MLflow may be configured to accept is left to MLflow."""
-    if not uri.startswith(("http://", "https://")):
-        return
+def probe(uri: str, path: str, store: bool = False) -> None:
+    """GET <uri><path> within HEALTH_TIMEOUT_S. A failure to connect or to answer in time means unreachable, and so
+    does a server error on a read of the store; any other HTTP error (an auth wall) or a certificate MLflow may be
+    configured to accept is left to MLflow."""
+    said = "its tracking store: " if store else ""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S):
+        with urllib.request.urlopen(f"{uri.rstrip('/')}{path}", timeout=HEALTH_TIMEOUT_S):
             pass
-    except urllib.error.HTTPError:
-        pass
+    except urllib.error.HTTPError as exc:
+        if store and exc.code >= 500:
+            raise unreachable(uri, f"{said}HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         if not isinstance(exc.reason, ssl.SSLError):
-            raise unreachable(uri, str(exc.reason)) from None
+            raise unreachable(uri, f"{said}{exc.reason}") from None
     except OSError as exc:  # a timeout, or a connection reset before the answer
-        raise unreachable(uri, first_line(exc)) from None
+        raise unreachable(uri, f"{said}{first_line(exc)}") from None
+
+
+@functools.cache
+def check_server(uri: str) -> None:
+    """Once per process: the server's /health, then one read of its tracking store. /health does not touch the
+    store, and a server whose database is down answers it yet holds every API request while it reconnects, which
+    MLflow's own timeout and retries would wait out for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    probe(uri, "/health")
+    probe(uri, STORE_PROBE, store=True)
 
 
 def connect():

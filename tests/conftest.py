@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -102,14 +103,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` (sqlite backend, artifacts proxied to a local folder) on a free local port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def serve_mlflow(backend_store_uri: str, root: Path):
+    """A real `mlflow server` on `backend_store_uri`, artifacts proxied to `root`/artifacts, on a free local port."""
     port = free_port()
     log = (root / "server.log").open("w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_store_uri,
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
@@ -126,13 +126,23 @@ def mlflow_server(tmp_path_factory) -> str:
             server.kill()
             raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
-    server.terminate()
     try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+        yield uri
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (sqlite backend, artifacts proxied to a local folder) on a free local port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with serve_mlflow(f"sqlite:///{root / 'mlflow.db'}", root) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`dvc repro` of the ingest stages in a temporary git repository, as an engineer runs it."""
+"""`dvc repro` in a temporary git repository, as an engineer runs it, and the team workflow through a DVC remote."""
 
 from __future__ import annotations
 
@@ -52,7 +52,34 @@ def edit_params(repo: Path, edit) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false", *args],
+                   cwd=repo, check=True, capture_output=True)
+
+
+def share_through_a_remote(repo: Path, remote: Path, clone: Path) -> None:
+    """The team workflow: commit, `dvc push` to a remote, a colleague clones and `dvc pull`s; nothing is left to
+    re-run, and the governance report, release decision and model are there without retraining."""
+    assert dvc(repo, "remote", "add", "-d", "shared", str(remote)).returncode == 0
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a pipeline run")
+    pushed = dvc(repo, "push")
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    git(repo.parent, "clone", "-q", str(repo), str(clone))
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {}, "a pulled clone has nothing to re-run"
+    for path in ("reports/governance/report.html", "reports/governance/release.json", "models/mae/model.pt",
+                 "models/checkpoints/pretrain.pt", "metrics/pretrain.json", "metrics/eval.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    gate = subprocess.run([sys.executable, "-m", "pipeline", "release"], cwd=clone, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")})
+    assert "release decision: BLOCKED" in gate.stdout, gate.stdout + gate.stderr
+    metrics = dvc(clone, "metrics", "show", "--json")
+    assert "val_masked_loss" in metrics.stdout, metrics.stdout
+
+
+def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp_path_factory):
     first = dvc(repo, "repro")
     assert first.returncode == 0, first.stdout + first.stderr
     assert ran(first) == ALL
@@ -69,6 +96,8 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path):
 
     nothing = dvc(repo, "repro")
     assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
+
+    share_through_a_remote(repo, tmp_path_factory.mktemp("remote"), tmp_path_factory.mktemp("colleague") / "repo")
 
     # an audit's param re-runs that audit and the report, nothing upstream
     edit_params(repo, lambda p: p["audit_bias"].update(n_boot=150))
