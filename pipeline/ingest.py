@@ -1,15 +1,17 @@
 """Ingest one dataset: card -> source records -> policy -> manifest, pixels, quarantine, provenance.
 
-Streams: records flow one at a time from the source into fixed-size pixel shards and parquet row
-groups, so memory stays flat as the dataset grows. Every record read ends in exactly one of the
-manifest or the quarantine, and provenance.json counts both. Outputs are written to a temporary
-folder and moved into place only when the whole dataset succeeded: no partial outputs.
+Two parts: the per-record work (read, decode, hash, judge: pipeline.ingest_record), which an engine runs in
+parallel (pipeline.ingest_engines), and the single writer here, which takes the judged records in input order,
+decides duplicates (the same record id, the same image) and writes. So the outputs are byte-identical whatever the
+engine and worker count. Streams: records flow from the source through a bounded window of workers into fixed-size
+pixel shards and parquet row groups, so memory stays flat as the dataset grows. Every record read ends in exactly
+one of the manifest or the quarantine, and provenance.json counts both. Outputs are written to a temporary folder
+and moved into place only when the whole dataset succeeded: no partial outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -17,7 +19,6 @@ import shutil
 import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +31,10 @@ from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.contracts import Provenance
 from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
 from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, write_json
-from pipeline.policy import (
-    REASONS,
-    Decision,
-    RecordFacts,
-    c2pa_training,
-    consent_status,
-    decide,
-    load_withdrawals,
-    record_license,
-)
+from pipeline.ingest_engines import Engine, engine
+from pipeline.ingest_record import Context, Judged
+from pipeline.policy import REASONS, Decision, load_withdrawals
 from pipeline.sources import source_records
-from pipeline.sources.records import SourceRecord, perceptual_hash, pixels_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +85,6 @@ QUARANTINE_SCHEMA = pa.schema([
 def manifest_schema(card: DataCard) -> pa.Schema:
     attributes = [(attr.name, pa.string()) for attr in card.sensitive_attributes]
     return pa.schema(MANIFEST_FIELDS + attributes + PIXEL_FIELDS)
-
-
-def pseudonym(dataset: str, raw: object, salt: str) -> str | None:
-    """A salted hash of a contributor id: stable within a salt, never reversible to the raw id."""
-    if raw is None or str(raw).strip() == "":
-        return None
-    digest = hmac.new(salt.encode(), f"{dataset}:{raw}".encode(), hashlib.sha256).hexdigest()
-    return f"c-{digest[:20]}"
-
-
-def parse_timestamp(raw: object) -> datetime | None:
-    """An ISO date or datetime; naive values are taken as UTC."""
-    if raw is None or str(raw).strip() == "":
-        return None
-    text = str(raw).strip()
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        moment = datetime.combine(date.fromisoformat(text), datetime.min.time())
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _text(raw: object) -> str | None:
-    text = "" if raw is None else str(raw).strip()
-    return text or None
 
 
 @dataclass
@@ -171,47 +139,6 @@ class _Shards:
             self.filled = 0
 
 
-def _facts(record: SourceRecord, card: DataCard, sha: str | None) -> RecordFacts:
-    meta = record.metadata
-    return RecordFacts(
-        record_id=record.record_id,
-        sha256=sha,
-        source_sha256=record.source_sha256,
-        license=record_license(card, meta.get(card.license.record_column)),
-        consent_status=consent_status(card, meta.get(card.consent.record_column)),
-        c2pa_state=record.credentials.state if record.credentials else None,
-        c2pa_training=c2pa_training(record.credentials.entries) if record.credentials else None,
-        c2pa_detail=record.credentials.detail if record.credentials else "",
-    )
-
-
-def _manifest_row(record: SourceRecord, card: DataCard, facts: RecordFacts, collected_at, salt: str) -> dict:
-    meta = record.metadata
-    column = card.domains.column
-    row = {
-        "record_id": record.record_id,
-        "dataset": card.name,
-        "sha256": facts.sha256,
-        "phash": perceptual_hash(record.pixels),
-        "source_sha256": record.source_sha256,
-        "source_uri": record.source_uri,
-        "license": facts.license,
-        "consent_status": facts.consent_status,
-        "consent_basis": card.consent.basis,
-        "collected_at": collected_at,
-        "contributor": pseudonym(card.name, meta.get(card.source.contributor_column), salt)
-        if card.source.contributor_column else None,
-        "label": _text(meta.get(card.labels.column)) if card.labels else None,
-        "domain": _text(meta.get(column)) if column else card.name,
-        "c2pa_state": facts.c2pa_state,
-        "c2pa_training": facts.c2pa_training,
-        "c2pa_claim_generator": record.credentials.claim_generator if record.credentials else None,
-        "c2pa_signer": record.credentials.signer if record.credentials else None,
-    }
-    row.update({attr.name: _text(meta.get(attr.name)) for attr in card.sensitive_attributes})
-    return row
-
-
 @dataclass
 class Counts:
     read: int = 0
@@ -223,29 +150,18 @@ class Counts:
         return sum(self.reasons.values())
 
 
-def _judge(record: SourceRecord, card: DataCard, params: Params, withdrawn: frozenset[str],
-           seen_ids: set[str], seen_images: set[str]) -> tuple[Decision, RecordFacts, datetime | None]:
-    """The one decision for a record: source problems, identity, metadata, policy, then duplicates."""
-    sha = pixels_sha256(record.pixels) if record.pixels is not None else None
-    facts = _facts(record, card, sha)
-    duplicate_id = record.record_id in seen_ids
-    seen_ids.add(record.record_id)
-    if record.problem is not None:
-        return Decision(*record.problem), facts, None
+def _final(judged: Judged, seen_ids: set[str], seen_images: set[str]) -> Decision:
+    """The record's decision once duplicates are known: they need every earlier record, so the writer decides them
+    in input order (the first occurrence of an id keeps it; an image is a duplicate of an earlier accepted one)."""
+    duplicate_id = judged.record_id in seen_ids
+    seen_ids.add(judged.record_id)
+    if judged.source_problem:
+        return judged.decision
     if duplicate_id:
-        return Decision("duplicate_record_id", f"record_id {record.record_id!r} appeared earlier"), facts, None
-    collected_at = None
-    if card.source.collected_at_column:
-        column = card.source.collected_at_column
-        try:
-            collected_at = parse_timestamp(record.metadata.get(column))
-        except ValueError:
-            raw = record.metadata.get(column)
-            return Decision("invalid_metadata", f"{column}: cannot parse {raw!r} as an ISO date"), facts, None
-    decision = decide(facts, card, params.policy, withdrawn)
-    if decision.accepted and sha in seen_images:
-        decision = Decision("duplicate_image", f"sha256 {sha[:12]}… matches an earlier accepted record")
-    return decision, facts, collected_at
+        return Decision("duplicate_record_id", f"record_id {judged.record_id!r} appeared earlier")
+    if judged.decision.accepted and judged.sha256 in seen_images:
+        return Decision("duplicate_image", f"sha256 {judged.sha256[:12]}… matches an earlier accepted record")
+    return judged.decision
 
 
 def code_version() -> dict:
@@ -275,42 +191,45 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
                             f"datasets.{dataset}.kind is {settings.kind!r}")
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     salt = os.environ.get(SALT_ENV) or params.ingest.pseudonym_salt
+    context = Context(card=card, policy=params.policy, withdrawn=withdrawn, salt=salt)
 
     out = layout.ingested(dataset)
     tmp = out.with_name(f".{dataset}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        counts, planted, source_sha256 = _write(card, settings, params, withdrawn, salt, tmp)
-        provenance = Provenance.model_validate({
-            "dataset": dataset,
-            "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
-            "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
-                       "sha256": source_sha256},
-            "policy": params.policy.model_dump(mode="json"),
-            "withdrawals": {"path": params.policy.withdrawals_file, "entries": len(withdrawn)},
-            "code": code_version(),
-            "pixels": {"shape": [settings.image_size, settings.image_size, settings.channels], "dtype": "uint8",
-                       "layout": "pixels/shard-NNNNN.npy, [n, height, width, channels]",
-                       "shard_size": params.ingest.shard_size},
-            "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
-                       "by_reason": dict(sorted(counts.reasons.items()))},
-            "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
-        })
-        if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
-            raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
-        write_json(tmp / PROVENANCE, provenance)
-        if planted:  # what the source planted on purpose, so tests and audits can check it is caught
-            (tmp / PLANTED).write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
+    with engine(params.ingest, context) as run:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir(parents=True)
+        try:
+            counts, planted, source_sha256 = _write(card, settings, params, run, tmp)
+            provenance = Provenance.model_validate({
+                "dataset": dataset,
+                "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
+                "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
+                           "sha256": source_sha256},
+                "policy": params.policy.model_dump(mode="json"),
+                "withdrawals": {"path": params.policy.withdrawals_file, "entries": len(withdrawn)},
+                "code": code_version(),
+                "pixels": {"shape": [settings.image_size, settings.image_size, settings.channels], "dtype": "uint8",
+                           "layout": "pixels/shard-NNNNN.npy, [n, height, width, channels]",
+                           "shard_size": params.ingest.shard_size},
+                "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
+                           "by_reason": dict(sorted(counts.reasons.items()))},
+                "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
+            })
+            if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
+                raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
+            write_json(tmp / PROVENANCE, provenance)
+            if planted:  # what the source planted on purpose, so tests and audits can check it is caught
+                (tmp / PLANTED).write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return counts
 
 
-def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], salt: str, tmp: Path):
+def _write(card: DataCard, settings, params: Params, run: Engine, tmp: Path):
+    """The single writer: judged records in input order -> duplicates decided -> shards, manifest, quarantine."""
     shards = _Shards(tmp / PIXELS, (settings.image_size, settings.image_size, settings.channels),
                      params.ingest.shard_size)
     manifest_schema_ = manifest_schema(card)
@@ -324,35 +243,26 @@ def _write(card: DataCard, settings, params: Params, withdrawn: frozenset[str], 
         manifest = _Rows(manifest_writer, manifest_schema_)
         quarantine = _Rows(quarantine_writer, QUARANTINE_SCHEMA)
         total = getattr(settings, "num_images", None)
-        for record in tqdm(source_records(settings.kind)(card, settings, params.ingest), total=total,
-                           desc=f"ingest {card.name}", unit="img", disable=None):
+        items = source_records(settings.kind)(card, settings, params.ingest)
+        for judged in tqdm(run(items), total=total, desc=f"ingest {card.name}", unit="img", disable=None):
             counts.read += 1
-            source_digest.update(f"{record.record_id}\0{record.source_sha256}\n".encode())
-            if record.planted:
-                planted[record.record_id] = {k: v for k, v in asdict(record.planted).items() if v is not None}
-            decision, facts, collected_at = _judge(record, card, params, withdrawn, seen_ids, seen_images)
+            source_digest.update(f"{judged.record_id}\0{judged.source_sha256}\n".encode())
+            if judged.planted:
+                planted[judged.record_id] = {k: v for k, v in asdict(judged.planted).items() if v is not None}
+            decision = _final(judged, seen_ids, seen_images)
             if decision.accepted:
-                seen_images.add(facts.sha256)
-                row = _manifest_row(record, card, facts, collected_at, salt)
-                pixels_file, pixels_index = shards.add(record.pixels)
-                height, width, channels = record.pixels.shape
-                row.update(width=width, height=height, channels=channels, pixels_file=pixels_file,
-                           pixels_index=pixels_index)
-                manifest.add(row)
+                seen_images.add(judged.sha256)
+                pixels_file, pixels_index = shards.add(judged.pixels)
+                height, width, channels = judged.pixels.shape
+                manifest.add({**judged.row, "width": width, "height": height, "channels": channels,
+                              "pixels_file": pixels_file, "pixels_index": pixels_index})
                 counts.accepted += 1
                 if shards.full():
                     shards.flush()
                     manifest.flush()
             else:
                 counts.reasons[decision.reason] += 1
-                quarantine.add({
-                    "record_id": record.record_id, "dataset": card.name, "source_uri": record.source_uri,
-                    "source_sha256": record.source_sha256, "sha256": facts.sha256, "license": facts.license,
-                    "consent_status": facts.consent_status,
-                    "domain": _text(record.metadata.get(card.domains.column)) if card.domains.column else card.name,
-                    "reason": decision.reason, "detail": decision.detail,
-                    "planted": record.planted.defect if record.planted else None,
-                })
+                quarantine.add({**judged.quarantine, "reason": decision.reason, "detail": decision.detail})
                 if len(quarantine.rows) >= params.ingest.shard_size:
                     quarantine.flush()
         shards.flush()

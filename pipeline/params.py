@@ -98,11 +98,18 @@ DatasetSettings = Annotated[
 
 
 class IngestSettings(_Strict):
+    """What ingest produces (every key but `engine` and `workers`, which dvc.yaml lists one by one) and how it runs
+    (those two: the outputs are the same whatever they are, so changing them re-runs nothing)."""
+
     shard_size: int = Field(default=4096, gt=0)
     max_image_pixels: int = Field(default=50_000_000, gt=0, description="decompression-bomb limit")
     max_file_bytes: int = Field(default=64 * 2**20, gt=0)
     alpha_background: int = Field(default=255, ge=0, le=255)
     pseudonym_salt: str = Field(min_length=8, description="overridden by $MAE_PIPELINE_SALT")
+    engine: Literal["local", "ray"] = Field(default="local", description="local: a process pool; ray: Ray Data, on "
+                                                                         "a local Ray or the cluster at $RAY_ADDRESS")
+    workers: int | None = Field(default=None, gt=0, description="processes (local) or CPUs of the local Ray; "
+                                                                "null: the machine's cores")
 
 
 class Policy(_Strict):
@@ -125,6 +132,8 @@ class ValidationSettings(_Strict):
     near_duplicate_distance: int = Field(ge=0, le=63, description="perceptual hashes at most this many bits apart "
                                                                   "are near-duplicates (validate warns, prepare "
                                                                   "keeps them in one split)")
+    chunk_rows: int = Field(default=100_000, gt=0, description="a manifest with more records is validated chunk "
+                                                               "by chunk, never as one frame")
 
     @model_validator(mode="after")
     def _ordered(self) -> ValidationSettings:

@@ -9,6 +9,9 @@ Near-duplicate images (perceptual hashes within `validation.near_duplicate_dista
 datasets) are a warning naming the pairs, all of them listed in near_duplicates.csv.
 Every expectation carries GX's own `severity`; only a failed critical one stops the pipeline. An
 expectation that raised inside GX counts as failed, never as passed.
+A manifest of more than `validation.chunk_rows` records is never one frame: the records suite runs chunk by chunk
+(outcomes merged), and what spans rows (uniqueness, `mostly` shares, coverage, near-duplicates, the other datasets'
+identities) is computed from only the columns it needs, so the summary is the one a single frame would give.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import html
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, time, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from pipeline.artifacts import Layout, read_table, write_json
+from pipeline.artifacts import Layout, not_found, read_table, write_json
 from pipeline.cards import CONSENT_BASES, DataCard, card_digest, card_path, load_card, spdx_problem
 from pipeline.contracts import DatasetValidation, ExpectationOutcome, Provenance, ValidationSummary
 from pipeline.near_duplicates import pair_table
@@ -43,6 +48,8 @@ REQUIRED_COLUMNS = {
 }
 PHASH = r"[0-9a-f]{16}"  # records.perceptual_hash: 64 bits as hex
 NEAR_DUPLICATES = "near_duplicates.csv"
+# what the checks that span datasets and rows read of every manifest (with the card's attributes), never whole frames
+IDENTITY_COLUMNS = ("record_id", "sha256", "phash", "license")
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,30 @@ def near_duplicate_column(manifest: pd.DataFrame, dataset: str, near: pd.DataFra
     return (manifest["record_id"] + " ~ " + found).where(found.notna(), None).rename("near_duplicates")
 
 
+def _manifest_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise not_found(path) from None
+
+
+def identity_columns(path: Path, card: DataCard) -> pd.DataFrame:
+    """The few manifest columns that checks across rows and datasets read (ids, hashes, licences, the card's
+    attributes), never the whole manifest."""
+    with _manifest_file(path) as file:
+        wanted = [*IDENTITY_COLUMNS, *(attr.name for attr in card.sensitive_attributes)]
+        return file.read(columns=[c for c in wanted if c in file.schema_arrow.names]).to_pandas()
+
+
+def record_chunks(path: Path, folder: Path, dataset: str, near: pd.DataFrame, rows: int) -> Iterator[pd.DataFrame]:
+    """The records table `rows` records at a time: each chunk of the manifest with its near-duplicates and pixel
+    statistics, read when the previous one has been validated."""
+    with _manifest_file(path) as file:
+        for batch in file.iter_batches(batch_size=rows):
+            chunk = batch.to_pandas()
+            yield pixel_stats(chunk.assign(near_duplicates=near_duplicate_column(chunk, dataset, near)), folder)
+
+
 def dataset_table(card: DataCard, provenance: Provenance, card_file: Path) -> pd.DataFrame:
     counts = provenance.counts
     return pd.DataFrame([{
@@ -141,9 +172,10 @@ def accepted_consent_values(card: DataCard, params: Params) -> list[str]:
     return [card.consent.basis] if card_decision(card, params.policy).accepted else []
 
 
-def build_checks(card: DataCard, params: Params, manifest: pd.DataFrame, others: Others,
+def build_checks(card: DataCard, params: Params, identity: pd.DataFrame, others: Others,
                  withdrawn: frozenset[str]) -> list[Check]:
-    """Every expectation for one dataset, derived from its card and params."""
+    """Every expectation for one dataset, derived from its card and params (and the licences its records name, from
+    `identity`, the manifest's identity columns)."""
     import great_expectations.expectations as gxe
 
     settings = params.datasets[card.name]
@@ -164,7 +196,7 @@ def build_checks(card: DataCard, params: Params, manifest: pd.DataFrame, others:
     for column in ("consent_status", "consent_basis", "license", "source_uri", "source_sha256", "sha256"):
         add("records", f"governance.{column}_present", gxe.ExpectColumnValuesToNotBeNull, critical, column=column)
     allowed = frozenset(policy.allowed_licenses)
-    observed = manifest["license"].dropna().unique().tolist() if "license" in manifest else []
+    observed = identity["license"].dropna().unique().tolist() if "license" in identity else []
     licences = sorted(allowed | {value for value in observed if license_allowed(value, allowed)[0]})
     add("records", "governance.license_allowed", gxe.ExpectColumnValuesToBeInSet, critical,
         column="license", value_set=licences)
@@ -292,35 +324,76 @@ def _jsonable(value):
     return str(value)
 
 
-def run_checks(tables: dict[tuple[str, str], pd.DataFrame], checks: dict[str, list[Check]], docs_dir: Path,
-               examples: int) -> dict[str, list[dict]]:
-    """Run every suite through GX checkpoints; build Data Docs; return one outcome per expectation."""
-    gx, context = _context(docs_dir)
-    source = context.data_sources.add_pandas("ingested")
-    outcomes: dict[str, list[dict]] = {}
-    for (dataset, asset), frame in tables.items():
-        asset_checks = [c for c in checks[dataset] if c.asset == asset]
-        if not asset_checks:
-            continue
-        name = f"{dataset}.{asset}"
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+def spans_rows(check: Check) -> bool:
+    """Whether an expectation's outcome depends on all records at once (uniqueness, a `mostly` share), so that
+    outcomes on chunks cannot be added up: it runs once, on the few columns it reads."""
+    import great_expectations.expectations as gxe
+
+    return (isinstance(check.expectation, gxe.ExpectColumnValuesToBeUnique)
+            or getattr(check.expectation, "mostly", 1) < 1)
+
+
+def validation_order(checks: list[Check]) -> list[str]:
+    """Check names in the order GX validates a suite and lists its results: grouped by column, in order of each
+    column's first expectation (Validator.process_expectations_for_validation)."""
+    columns: dict[object, list[str]] = {}
+    for check in checks:
+        columns.setdefault(getattr(check.expectation, "column", None), []).append(check.name)
+    return [name for names in columns.values() for name in names]
+
+
+def _total(results: tuple[dict, ...], key: str) -> int | None:
+    values = [r[key] for r in results if r[key] is not None]
+    return sum(values) if values else None
+
+
+def merge_chunks(chunks: list[list[dict]], examples: int) -> list[dict]:
+    """One outcome per expectation from its outcomes on every chunk (none spans rows): failed when it failed on any
+    chunk, counts added up, the first examples in record order, every distinct error."""
+    merged = []
+    for results in zip(*chunks):
+        errors = list(dict.fromkeys(r["exception"] for r in results if r["exception"]))
+        merged.append({**results[0], "success": all(r["success"] for r in results),
+                       "unexpected_count": _total(results, "unexpected_count"),
+                       "element_count": _total(results, "element_count"),
+                       "examples": [e for r in results for e in r["examples"]][:examples],
+                       "exception": "; ".join(errors) or None})
+    return merged
+
+
+class _Suites:
+    """One GX checkpoint per suite in an ephemeral context; each run's outcomes as summary.json states them."""
+
+    def __init__(self, docs_dir: Path, examples: int):
+        self.gx, self.context = _context(docs_dir)
+        self.source = self.context.data_sources.add_pandas("ingested")
+        self.examples = examples
+
+    def checkpoint(self, name: str, checks: list[Check], index_columns: list[str]):
+        gx, context = self.gx, self.context
+        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         suite = context.suites.add(gx.ExpectationSuite(name=name))
-        for check in asset_checks:
+        for check in checks:
             suite.add_expectation(check.expectation)
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        index_columns = ["record_id"] if "record_id" in frame.columns else []
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
+        return context.checkpoints.add(gx.Checkpoint(
             name=name, validation_definitions=[definition],
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": index_columns,
-                           "partial_unexpected_count": examples},
+                           "partial_unexpected_count": self.examples},
         ))
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
+
+    def run(self, checkpoint, frame: pd.DataFrame, asset: str, run_name: str | None = None) -> list[dict]:
+        from great_expectations.core.run_identifier import RunIdentifier
+
+        result = checkpoint.run(batch_parameters={"dataframe": frame},
+                                run_id=RunIdentifier(run_name=run_name) if run_name else None)
+        outcomes = []
         for run in result.run_results.values():
             for item in run.results:
                 error = _exception(item)
                 found = item.result or {}
                 config = item.expectation_config
-                outcomes.setdefault(dataset, []).append({
+                outcomes.append({
                     "asset": asset,
                     "check": (config.meta or {}).get("check"),
                     "expectation": config.type,
@@ -331,10 +404,51 @@ def run_checks(tables: dict[tuple[str, str], pd.DataFrame], checks: dict[str, li
                     "element_count": _jsonable(found.get("element_count")),
                     "observed_value": _jsonable(found.get("observed_value")),
                     "examples": [] if item.success and error is None else _examples(
-                        item, examples, quote_values=(config.meta or {}).get("quote") == "values"),
+                        item, self.examples, quote_values=(config.meta or {}).get("quote") == "values"),
                     "exception": error,
                 })
-    context.build_data_docs()
+        return outcomes
+
+
+def _run_chunked(suites: _Suites, name: str, asset: str, chunks: Iterable[pd.DataFrame],
+                 checks: list[Check]) -> list[dict]:
+    """The suite over chunks: what spans rows once, on its columns gathered from every chunk (with record_id, for
+    examples); the rest chunk by chunk, merged; listed in the order one run over all records would list them."""
+    across = [c for c in checks if spans_rows(c)]
+    local = [c for c in checks if not spans_rows(c)]
+    needed = list(dict.fromkeys(["record_id", *(c.expectation.column for c in across)]))
+    checkpoint = suites.checkpoint(name, local, ["record_id"]) if local else None
+    parts, gathered = [], []
+    for number, chunk in enumerate(chunks):
+        if checkpoint is not None:
+            parts.append(suites.run(checkpoint, chunk, asset, f"chunk-{number:05d}"))
+        gathered.append(chunk[[c for c in needed if c in chunk.columns]])
+    outcomes = merge_chunks(parts, suites.examples)
+    if across:
+        whole = suites.checkpoint(f"{name}.across", across, ["record_id"])
+        outcomes += suites.run(whole, pd.concat(gathered, ignore_index=True), asset, "all-records")
+    order = {check: i for i, check in enumerate(validation_order(checks))}
+    return sorted(outcomes, key=lambda outcome: order[outcome["check"]])
+
+
+def run_checks(tables: dict[tuple[str, str], pd.DataFrame | Iterable[pd.DataFrame]], checks: dict[str, list[Check]],
+               docs_dir: Path, examples: int) -> dict[str, list[dict]]:
+    """Run every suite through GX checkpoints (a table given as chunks, chunk by chunk); build Data Docs; return one
+    outcome per expectation."""
+    suites = _Suites(docs_dir, examples)
+    outcomes: dict[str, list[dict]] = {}
+    for (dataset, asset), frame in tables.items():
+        asset_checks = [c for c in checks[dataset] if c.asset == asset]
+        if not asset_checks:
+            continue
+        name = f"{dataset}.{asset}"
+        if isinstance(frame, pd.DataFrame):
+            index_columns = ["record_id"] if "record_id" in frame.columns else []
+            found = suites.run(suites.checkpoint(name, asset_checks, index_columns), frame, asset)
+        else:
+            found = _run_chunked(suites, name, asset, frame, asset_checks)
+        outcomes.setdefault(dataset, []).extend(found)
+    suites.context.build_data_docs()
     return outcomes
 
 
@@ -391,8 +505,13 @@ def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_
         links = []
         for asset in ASSETS:
             pages = sorted((docs_dir / "validations" / dataset / asset).rglob("*.html"))
-            if pages:
-                links.append(f"<a href='{esc(pages[-1].relative_to(out_dir).as_posix())}'>{esc(asset)}</a>")
+            if len(pages) == 1:
+                links.append(f"<a href='{esc(pages[0].relative_to(out_dir).as_posix())}'>{esc(asset)}</a>")
+            elif pages:  # validated in chunks: a page per chunk (.../<run name>/<run time>/<batch>.html) and one
+                # for the checks across all records
+                runs = ", ".join(f"<a href='{esc(page.relative_to(out_dir).as_posix())}'>{esc(page.parts[-3])}</a>"
+                                 for page in pages)
+                links.append(f"{esc(asset)} ({runs})")
         parts.append(", ".join(links) + "</p>")
         parts.append("<table><tr><th>status</th><th>severity</th><th>check</th><th>expectation</th>"
                      "<th>unexpected</th><th>examples / error</th></tr>")
@@ -413,22 +532,28 @@ def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_
 # ---------------------------------------------------------------- stage
 
 
-def tables_and_checks(params: Params, cards: dict[str, DataCard], manifests: dict[str, pd.DataFrame],
-                      provenances: dict[str, Provenance], cards_dir: Path, layout: Layout,
+def tables_and_checks(params: Params, cards: dict[str, DataCard], cards_dir: Path, layout: Layout,
                       withdrawn: frozenset[str]):
-    """The tables GX validates, the checks for each dataset, and the near-duplicate pairs across all of them."""
-    tables: dict[tuple[str, str], pd.DataFrame] = {}
+    """The tables GX validates (a dataset's records as one frame, or as chunks past `validation.chunk_rows`), the
+    checks for each dataset, and the near-duplicate pairs across all of them."""
+    tables: dict[tuple[str, str], pd.DataFrame | Iterable[pd.DataFrame]] = {}
     checks: dict[str, list[Check]] = {}
-    near = near_duplicate_pairs(manifests, params.validation.near_duplicate_distance)
-    for name, manifest in manifests.items():
-        others = [m for other, m in manifests.items() if other != name]
+    identities = {name: identity_columns(layout.manifest(name), cards[name]) for name in params.datasets}
+    near = near_duplicate_pairs(identities, params.validation.near_duplicate_distance)
+    for name, identity in identities.items():
+        others = [m for other, m in identities.items() if other != name]
         seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
                       frozenset().union(*(set(m.sha256) for m in others)))
-        records = manifest.assign(near_duplicates=near_duplicate_column(manifest, name, near))
-        tables[(name, "records")] = pixel_stats(records, layout.ingested(name))
-        tables[(name, "dataset")] = dataset_table(cards[name], provenances[name], card_path(name, cards_dir))
-        tables[(name, "coverage")] = coverage_table(manifest, cards[name])
-        checks[name] = build_checks(cards[name], params, manifest, seen, withdrawn)
+        path, folder = layout.manifest(name), layout.ingested(name)
+        if len(identity) > params.validation.chunk_rows:
+            tables[(name, "records")] = record_chunks(path, folder, name, near, params.validation.chunk_rows)
+        else:
+            manifest = read_table(path)
+            tables[(name, "records")] = pixel_stats(
+                manifest.assign(near_duplicates=near_duplicate_column(manifest, name, near)), folder)
+        tables[(name, "dataset")] = dataset_table(cards[name], layout.provenance(name), card_path(name, cards_dir))
+        tables[(name, "coverage")] = coverage_table(identity, cards[name])
+        checks[name] = build_checks(cards[name], params, identity, seen, withdrawn)
     return tables, checks, near
 
 
@@ -449,7 +574,5 @@ def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     params = load_params(params_path)
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}
-    manifests = {name: read_table(layout.manifest(name)) for name in params.datasets}
-    provenances = {name: layout.provenance(name) for name in params.datasets}
-    tables, checks, near = tables_and_checks(params, cards, manifests, provenances, cards_dir, layout, withdrawn)
+    tables, checks, near = tables_and_checks(params, cards, cards_dir, layout, withdrawn)
     return write_report(tables, checks, near, params, layout.validation)

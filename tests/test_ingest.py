@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -185,7 +186,9 @@ def test_unknown_dataset_and_missing_withdrawals_file(workspace: Workspace):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_ingest_leaves_no_partial_folder(workspace: Workspace, signum: int):
-    workspace.write_params(small_params(3000))
+    params = small_params(3000)
+    params["ingest"]["workers"] = 2  # a process pool, whose workers must end with the stage
+    workspace.write_params(params)
     partial = workspace.root / "data" / "ingested" / ".synthetic.partial"
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "synthetic"], cwd=workspace.root,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
@@ -194,6 +197,8 @@ def test_an_interrupted_ingest_leaves_no_partial_folder(workspace: Workspace, si
         while not partial.exists():  # interrupt it while it writes
             assert process.poll() is None and time.monotonic() < deadline, "ingest ended before it was interrupted"
             time.sleep(0.01)
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 2
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -202,3 +207,4 @@ def test_an_interrupted_ingest_leaves_no_partial_folder(workspace: Workspace, si
     # under load, cause not pinned down; what matters is the one line and that no partial folder is left
     assert process.returncode in (130, -signal.SIGINT) and stderr.strip().endswith("error: interrupted"), stderr
     assert not any(partial.parent.iterdir()), "no outputs and no .partial folder"
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE], "workers terminated"

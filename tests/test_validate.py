@@ -43,11 +43,7 @@ def ingested(tmp_path_factory) -> Workspace:
 def loaded(space: Workspace, withdrawn: frozenset[str] = frozenset()):
     params = load_params(space.root / "params.yaml")
     cards = {name: load_card(card_path(name, space.root / "data_cards")) for name in params.datasets}
-    manifests = {n: pd.read_parquet(space.ingested(n) / "manifest.parquet") for n in params.datasets}
-    layout = Layout(space.root)
-    provenances = {n: layout.provenance(n) for n in params.datasets}
-    tables, checks, near = tables_and_checks(params, cards, manifests, provenances, space.root / "data_cards",
-                                             layout, withdrawn)
+    tables, checks, near = tables_and_checks(params, cards, space.root / "data_cards", Layout(space.root), withdrawn)
     return params, tables, checks, near
 
 
@@ -71,6 +67,24 @@ def test_clean_default_data_passes_with_data_docs(ingested: Workspace):
     assert "Data validation: passed" in index and "http" not in index.split("<body>")[1].split("<a href")[0]
     assert len(list((report / "gx" / "validations").rglob("*.html"))) == 5  # 3 synthetic suites, 2 digits
     assert "%|" not in result.stderr, "GX progress bars stay quiet"
+
+
+def test_chunked_validation_writes_the_summary_of_one_frame(ingested: Workspace):
+    """A manifest past validation.chunk_rows is validated chunk by chunk, with today's summary.json."""
+    report = ingested.root / "reports" / "validation"
+    ingested.run_ok(("validate",))
+    whole = {name: (report / name).read_bytes() for name in ("summary.json", "near_duplicates.csv")}
+    params = small_params(300)
+    params["validation"]["chunk_rows"] = 128  # 3 chunks of synthetic, 15 of digits
+    ingested.write_params(params)
+    try:
+        ingested.run_ok(("validate",))
+    finally:
+        ingested.write_params(small_params(300))
+    assert {name: (report / name).read_bytes() for name in whole} == whole
+    pages = list((report / "gx" / "validations" / "sklearn_digits" / "records").rglob("*.html"))
+    assert len(pages) == 15 + 1, "a page per chunk and one for the checks across all records"
+    assert "chunk-00014" in (report / "index.html").read_text()
 
 
 def _copy(records: pd.DataFrame, row: int, record_id: str, **changes) -> pd.DataFrame:
@@ -140,6 +154,14 @@ def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspa
     assert any(line.startswith("synthetic: governance.license_allowed: expect_column_values_to_be_in_set(license): "
                                "1 unexpected; e.g. inj-nc") for line in lines), lines
     assert len(lines) == summary.failed_critical
+
+    # the same records in chunks (a large manifest): every outcome as one frame gives it, the checks across rows
+    # (uniqueness across chunks, the near-constant share) included
+    with inside(ingested.root):
+        _, _, checks, _ = loaded(ingested, withdrawn=frozenset({"inj-withdrawn-id"}))  # an expectation joins one suite
+    tables[("synthetic", "records")] = [injected.iloc[start:start + 64] for start in range(0, len(injected), 64)]
+    chunked = write_report(tables, checks, near, params, tmp_path / "chunked")
+    assert chunked.model_dump() == summary.model_dump()
 
 
 def test_an_expectation_that_errors_counts_as_failed(ingested: Workspace, tmp_path: Path):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 
-from pipeline.sources.records import SourceRecord
+from pipeline.sources.records import Item
 
 
-def source_records(kind: str) -> Callable[..., Iterator[SourceRecord]]:
-    """The `records(card, settings)` generator of a source kind."""
+def source_records(kind: str) -> Callable[..., Iterator[Item]]:
+    """The `records(card, settings, ingest)` generator of a source kind: records, or items that make them."""
     return importlib.import_module(f"pipeline.sources.{kind}").records

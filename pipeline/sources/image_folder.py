@@ -16,14 +16,14 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard
 from pipeline.params import ImageFolderSettings, IngestSettings
-from pipeline.sources.records import Credentials, ImageProblem, SourceRecord, decode, sha256_bytes
+from pipeline.sources.records import Credentials, ImageProblem, Item, SourceRecord, decode, sha256_bytes
 
 # the CAWG training-and-data-mining assertion, and the C2PA one it replaced
 TRAINING_MINING = re.compile(r"^(cawg|c2pa)\.training-mining(\.v\d+)?$")
@@ -201,7 +201,9 @@ def _unlisted_files(folder: Path, listed: set[str], skip: set[str]) -> Iterator[
                 yield relative
 
 
-def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSettings) -> Iterator[SourceRecord]:
+def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSettings) -> Iterator[Item]:
+    """Rows, then files without a row, in order; each file is read and decoded by the deferred item (in ingest's
+    workers)."""
     folder = Path(settings.source).resolve()
     if not folder.is_dir():
         raise PipelineError(f"params.yaml: datasets.{card.name}.source: {settings.source} is not a folder")
@@ -231,6 +233,6 @@ def records(card: DataCard, settings: ImageFolderSettings, ingest: IngestSetting
             if target is not None:
                 listed.add(target.relative_to(folder).as_posix())
             record_id = row.pop("record_id", "").strip() or relative
-            yield _image_record(folder, relative, target, record_id, row, settings, ingest)
+            yield partial(_image_record, folder, relative, target, record_id, row, settings, ingest)
     for relative in _unlisted_files(folder, listed, {settings.metadata}):
-        yield _unlisted_record(folder, relative, settings.metadata)
+        yield partial(_unlisted_record, folder, relative, settings.metadata)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
+from typing import Union
 
 import imagehash
 import numpy as np
@@ -49,6 +51,16 @@ class SourceRecord:
     problem: tuple[str, str] | None = None  # (reason code, detail) when there is no usable image
     planted: Planted | None = None  # what a synthetic source planted on purpose
     credentials: Credentials | None = None  # the image's C2PA manifest, where it carries one
+
+
+# What a source yields: a record, or a picklable callable that makes it (a functools.partial of a module-level
+# function), so ingest can leave the costly part (reading and decoding a file) to its workers while the source
+# itself stays a cheap, ordered listing.
+Item = Union[SourceRecord, Callable[[], SourceRecord]]
+
+
+def resolved(item: Item) -> SourceRecord:
+    return item if isinstance(item, SourceRecord) else item()
 
 
 class ImageProblem(Exception):

@@ -1,0 +1,180 @@
+"""Where ingest's per-record work (pipeline.ingest_record.judge) runs: in the stage's own process, a local process
+pool, or Ray Data on a local Ray or a cluster.
+
+Every engine takes the source's items in order and hands back their Judged records in the same order, with a
+bounded number in flight, so the single writer sees the same sequence whatever the engine and worker count (and
+its outputs are byte-identical) and memory stays flat in the number of records.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
+from urllib.parse import urlsplit
+
+from pipeline import PipelineError
+from pipeline.ingest_record import Context, Judged, judge, judge_all
+from pipeline.params import IngestSettings
+from pipeline.sources.records import Item
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64  # items per pool task: amortises the hand-off to a worker over many small images
+IN_FLIGHT = 4  # chunks per worker submitted ahead of the writer
+RAY_BATCH = 256  # items per Ray Data block and batch: a Ray task costs more than a pool task, so fewer, larger ones
+RAY_WINDOW = 16_384  # items per Ray dataset: the Ray engine's bound on memory in flight
+TCP_TIMEOUT = 3  # seconds for a TCP connection to $RAY_ADDRESS
+RAY_CONNECT_TIMEOUT = 15  # seconds for Ray to connect there: the stage ends within 30 s when no cluster answers
+PROBE = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); ray.shutdown()"
+
+Engine = Callable[[Iterable[Item]], Iterator[Judged]]
+
+
+def chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def worker_count(settings: IngestSettings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+@contextmanager
+def engine(settings: IngestSettings, context: Context) -> Iterator[Engine]:
+    """The engine `ingest.engine` names, started here and stopped (workers terminated, a Ray started here shut
+    down) when the block ends, an interrupt included."""
+    workers = worker_count(settings)
+    log.debug("ingest engine: %s", "Ray Data" if settings.engine == "ray" else
+             "the stage's own process" if workers == 1 else f"a pool of {workers} processes")
+    if settings.engine == "ray":
+        with _ray(workers):
+            yield lambda items: _ray_judged(items, context)
+    elif workers == 1:
+        yield lambda items: (judge(item, context) for item in items)
+    else:
+        with _pool(workers, context) as pool:
+            yield lambda items: _pool_judged(pool, items, workers)
+
+
+# ---------------------------------------------------------------- local process pool
+
+_context: Context | None = None  # a pool worker's Context, set once by its initializer
+
+
+def _start_worker(context: Context) -> None:
+    """The stage handles interrupts and terminates its workers: a worker ignores Ctrl-C (sent to the whole process
+    group) and dies quietly on SIGTERM."""
+    global _context
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _context = context
+
+
+def _judge_chunk(items: list[Item]) -> list[Judged]:
+    return judge_all(items, _context)
+
+
+@contextmanager
+def _pool(workers: int, context: Context):
+    pool = multiprocessing.get_context().Pool(workers, initializer=_start_worker, initargs=(context,))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _pool_judged(pool, items: Iterable[Item], workers: int) -> Iterator[Judged]:
+    """Chunks submitted in order, at most IN_FLIGHT per worker ahead of the one the writer waits for (Pool.imap
+    would read the whole source ahead)."""
+    pending = deque()
+    for chunk in chunks(items, CHUNK):
+        pending.append(pool.apply_async(_judge_chunk, (chunk,)))
+        if len(pending) >= IN_FLIGHT * workers:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
+
+
+# ---------------------------------------------------------------- Ray Data
+
+
+def _reachable(address: str) -> None:
+    """Ray's own connect retries for minutes against an address where no cluster answers, so first a TCP connection
+    (refused or unroutable: at once), then Ray's connect in a child process that is killed after
+    RAY_CONNECT_TIMEOUT (something else listening there). `auto` and `local` are Ray's to resolve."""
+    if address not in ("auto", "local"):
+        try:
+            parts = urlsplit(f"//{address.removeprefix('ray://')}")
+            if not parts.hostname or parts.port is None:
+                raise ValueError("expected host:port or ray://host:port")
+            socket.create_connection((parts.hostname, parts.port), timeout=TCP_TIMEOUT).close()
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"RAY_ADDRESS {address}: Ray cluster unreachable ({exc})") from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                               timeout=RAY_CONNECT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise PipelineError(f"RAY_ADDRESS {address}: Ray cluster unreachable (no Ray answered within "
+                            f"{RAY_CONNECT_TIMEOUT} s)") from None
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        raise PipelineError(f"RAY_ADDRESS {address}: Ray cluster unreachable ({reason})")
+
+
+@contextmanager
+def _ray(workers: int):
+    """A local Ray with `workers` CPUs, or the cluster at $RAY_ADDRESS (its own CPUs; the pipeline package is shipped
+    to its workers, so they run the driver's code); shut down, or disconnected from, when done."""
+    import ray
+
+    import pipeline
+
+    address = os.environ.get("RAY_ADDRESS")
+    options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        _reachable(address)
+        ray.init(address=address, runtime_env={"py_modules": [pipeline]}, **options)
+    else:
+        ray.init(address="local", num_cpus=workers, **options)
+    try:
+        data = ray.data.DataContext.get_current()
+        data.execution_options.preserve_order = True
+        data.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _judge_batch(batch: dict, context: Context) -> dict:
+    import numpy as np
+
+    judged = judge_all([pickle.loads(item) for item in batch["item"]], context)
+    return {"judged": np.array([pickle.dumps(record) for record in judged], dtype=object)}
+
+
+def _ray_judged(items: Iterable[Item], context: Context) -> Iterator[Judged]:
+    """One Ray dataset per RAY_WINDOW items, in blocks of RAY_BATCH: map_batches, read back in order
+    (preserve_order) as blocks finish, so the writer streams while Ray works. Items and results cross as pickles
+    (what the pool sends) in an Arrow binary column: Ray would first try, and fail, to convert them to Arrow types."""
+    import ray
+
+    for window in chunks(items, RAY_WINDOW):
+        dataset = ray.data.from_items([{"item": pickle.dumps(item)} for item in window],
+                                      override_num_blocks=-(-len(window) // RAY_BATCH))
+        judged = dataset.map_batches(_judge_batch, fn_kwargs={"context": context}, batch_size=RAY_BATCH,
+                                     batch_format="numpy")
+        for batch in judged.iter_batches(batch_size=None, batch_format="numpy"):
+            yield from (pickle.loads(record) for record in batch["judged"])
