@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Ctrl-C unwinds even where the stage inherited SIGINT ignored (a background job, a test runner's worker):
+    # an ignored interrupt would let a stopped stage run on to the end
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         with _tracking(args):
