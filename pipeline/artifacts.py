@@ -95,20 +95,22 @@ def write_json(path: Path, document: BaseModel | dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
-def read_table(path: Path):
+def read_table(path: Path, columns: list[str] | None = None):
     import pandas as pd
 
     try:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path, columns=columns)
     except FileNotFoundError:
         raise not_found(path) from None
 
 
-def read_array(path: Path):
+def read_array(path: Path, mmap: bool = False):
+    """An .npy / .npz hand-off; `mmap` maps an .npy read-only instead of reading it, so a split of any size costs
+    no memory until its rows are read."""
     import numpy as np
 
     try:
-        return np.load(path)
+        return np.load(path, mmap_mode="r" if mmap else None)
     except FileNotFoundError:
         raise not_found(path) from None
 

@@ -263,6 +263,15 @@ class ClassifierScores(Contract):
         return {name: scores for name in ("val", "test", "heldout") if (scores := getattr(self, name)) is not None}
 
 
+class RawPixelSample(Contract):
+    """What the raw-pixel baseline saw: a seeded sample of at most `max_images` per split, each image area-averaged
+    to `size` pixels a side, so its memory does not grow with the collection."""
+
+    max_images: int
+    size: int
+    images: dict[str, int]  # split -> images in its sample
+
+
 class EvalMetrics(Contract):
     """metrics/eval.json (DVC metrics)."""
 
@@ -273,6 +282,7 @@ class EvalMetrics(Contract):
     reconstruction: dict[str, ReconstructionScores]
     probe: ClassifierScores
     knn: ClassifierScores
+    raw_pixels: RawPixelSample | None = None  # None: written before the baseline was sampled
 
 
 # ---------------------------------------------------------------- the bias audit
@@ -408,6 +418,8 @@ class Corruptions(Contract):
     curves: dict[str, list[CorruptionPoint]]
     relative_mce_reconstruction: float
     relative_mce_probe: float | None = None
+    # what decided shift.corruptions: the probe's accuracy drop where the data has labels, else the reconstruction
+    decided_by: Literal["probe_accuracy", "reconstruction"] = "reconstruction"
 
 
 class ShiftResult(Contract):

@@ -27,6 +27,7 @@ import torch
 from pipeline.artifacts import Layout, write_json
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import ClassifierScores, EvalMetrics, ModelConfig
+from pipeline.data import Batches, Mapped, loader, model_input, resolve_device
 from pipeline.mae import MAEEncoder, MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, EvaluateSettings, load_params
@@ -38,6 +39,8 @@ from pipeline.trained import Split, load_splits, load_trained
 log = logging.getLogger(__name__)
 
 FEATURES = ("mae", "random_init", "raw_pixels")
+# scikit-learn computes kNN distances in chunks of this size: by default 1 GiB, which a large split fills
+WORKING_MEMORY_MIB = 64
 
 
 def random_model(config: ModelConfig, seed: int) -> MaskedAutoencoderViT:
@@ -49,7 +52,33 @@ def random_model(config: ModelConfig, seed: int) -> MaskedAutoencoderViT:
 @torch.no_grad()
 def embed(model: MaskedAutoencoderViT, images: torch.Tensor, pool: str, batch_size: int) -> np.ndarray:
     encoder = MAEEncoder(model, pool=pool).eval()
-    return torch.cat([encoder(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
+    return torch.cat([encoder(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]).cpu().numpy()
+
+
+def raw_pixel_rows(count: int, settings: EvaluateSettings, offset: int) -> np.ndarray:
+    """The raw-pixel baseline's images of one split: a seeded sample of at most `raw_pixels_images`, in order."""
+    rng = np.random.default_rng([settings.seed, offset])
+    return np.sort(rng.permutation(count)[:settings.raw_pixels_images])
+
+
+def pooling(side: int, size: int) -> int:
+    """The averaging window that brings `side` pixels to at most `size`."""
+    return -(-side // size)
+
+
+def raw_pixels(pixels: Mapped, rows: np.ndarray, normalisation: Normalisation, size: int,
+               batch_size: int) -> np.ndarray:
+    """The normalised pixels of `rows` as features, area-averaged to at most `size` a side, read and reduced a
+    batch at a time, so the baseline's memory does not grow with the image size."""
+    channels, side = pixels.shape[3], pixels.shape[2]
+    factor = pooling(side, size)
+    features = np.empty((len(rows), channels * (-(-side // factor)) ** 2), dtype=np.float32)
+    for start in range(0, len(rows), batch_size):
+        images = normalisation.normalise(pixels[rows[start:start + batch_size]])
+        if factor > 1:
+            images = torch.nn.functional.avg_pool2d(images, factor, ceil_mode=True)
+        features[start:start + batch_size] = images.flatten(1).numpy()
+    return features
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int):
@@ -82,25 +111,29 @@ def labelled(card: DataCard, train: pd.DataFrame) -> str | None:
 
 
 def representation_metrics(splits: dict[str, Split], features: dict[str, dict[str, np.ndarray]],
+                           sampled: dict[str, np.ndarray],
                            settings: EvaluateSettings) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions."""
-    train = splits["train"].records
-    has_label = train["label"].notna().to_numpy()
-    y = train["label"].to_numpy()[has_label]
+    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions. Raw-pixel
+    features exist for the rows `sampled` of each split only."""
+    from sklearn import config_context
+
     scores: dict = {"probe": {}, "knn": {}}
     predictions: dict[str, dict[str, np.ndarray]] = {"probe": {}, "knn": {}}
     for kind in FEATURES:
-        fitted = {"probe": linear_probe(features[kind]["train"][has_label], y, settings.probe_c,
-                                        settings.probe_max_iter),
-                  "knn": knn(features[kind]["train"][has_label], y, settings.knn_k)}
+        labels = {name: split.records["label"].to_numpy()[sampled[name] if kind == "raw_pixels" else slice(None)]
+                  for name, split in splits.items()}
+        has_label = pd.notna(labels["train"])
+        train_x, y = features[kind]["train"][has_label], labels["train"][has_label]
+        fitted = {"probe": linear_probe(train_x, y, settings.probe_c, settings.probe_max_iter),
+                  "knn": knn(train_x, y, settings.knn_k)}
         for method, classifier in fitted.items():
-            for name, split in splits.items():
+            for name in splits:
                 if name == "train":
                     continue
-                predicted = classifier.predict(features[kind][name])
-                known = split.records["label"].notna().to_numpy()
-                scores[method].setdefault(name, {})[kind] = accuracy(predicted[known],
-                                                                      split.records["label"].to_numpy()[known])
+                with config_context(working_memory=WORKING_MEMORY_MIB):
+                    predicted = classifier.predict(features[kind][name])
+                known = pd.notna(labels[name])
+                scores[method].setdefault(name, {})[kind] = accuracy(predicted[known], labels[name][known])
                 if kind == "mae":
                     predictions[method][name] = predicted
     for method in ("probe", "knn"):
@@ -120,7 +153,6 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
     """Original / masked / reconstruction of unseen images, one figure per sensitive group and per domain."""
     unseen = [s for name, s in splits.items() if name != "train" and len(s.records)]
     records = pd.concat([s.records.assign(from_split=s.name, row=np.arange(len(s.records))) for s in unseen])
-    images = {s.name: s.images for s in unseen}
     written = []
     panels = [(f"{attr} = {drawn(value)}", f"{slug(attr)}-{slug(str(value))}", part)
               for attr in attributes for value, part in records.groupby(attr)]
@@ -128,11 +160,41 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
                for value, part in records.groupby("domain")]
     for title, name, part in panels:
         chosen = part.sort_values("record_id").head(settings.figure_images)
-        batch = torch.stack([images[item.from_split][item.row] for item in chosen.itertuples()])
+        batch = normalisation.normalise(np.stack([splits[item.from_split].pixels[item.row]
+                                                  for item in chosen.itertuples()]))
         noise = masking_noise(len(batch), model.patch_embed.num_patches, settings.seed)
         figure = reconstruction_figure(model, batch, noise, normalisation, mask_ratio, title)
         written.append(save_figure(figure, folder / f"{name}.png"))
     return written
+
+
+@torch.no_grad()
+def measure(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, split: Split,
+            normalisation: Normalisation, pool: str, device: torch.device, settings: EvaluateSettings,
+            seed: int) -> dict[str, np.ndarray]:
+    """One streaming pass over a split: per record, the hidden-pixel error of the model, of the random-init model and
+    of the patch-mean predictor (masks fixed by `seed`, whatever the batch size), the masked loss, and both
+    encoders' features. Only these per-record values are kept, written into arrays made before the pass: small
+    per-batch results kept in lists would sit between the batches' large freed buffers and keep the allocator from
+    returning them, so memory would grow with the split."""
+    count, width = len(split), MAEEncoder(model, pool).width
+    measured = {**{key: np.empty(count) for key in ("mse", "loss", "mse_random_init", "mse_patch_mean")},
+                **{kind: np.empty((count, width), dtype=np.float32) for kind in ("mae", "random_init")}}
+    generator = torch.Generator().manual_seed(seed)
+    for batch in loader(split.data, Batches(count, settings.batch_size), settings.workers, device):
+        rows = batch["rows"].numpy()
+        images = model_input(batch, normalisation, device)
+        noise = torch.rand(len(images), model.patch_embed.num_patches, generator=generator)
+        ours = reconstruct(model, images, noise, settings.mask_ratio, normalisation, batch_size=len(images))
+        measured["mse"][rows] = ours.mse.cpu().numpy()
+        measured["loss"][rows] = ours.loss.cpu().numpy()
+        measured["mse_random_init"][rows] = reconstruct(baseline_model, images, noise, settings.mask_ratio,
+                                                        normalisation, batch_size=len(images)).mse.cpu().numpy()
+        measured["mse_patch_mean"][rows] = reconstruct(model, images, noise, settings.mask_ratio, normalisation,
+                                                       patch_mean=True, batch_size=len(images)).mse.cpu().numpy()
+        measured["mae"][rows] = embed(model, images, pool, len(images))
+        measured["random_init"][rows] = embed(baseline_model, images, pool, len(images))
+    return measured
 
 
 def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_cards"), layout: Layout = Layout(),
@@ -146,34 +208,33 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     card = load_card(card_path(dataset, cards_dir))
     attributes = [attr.name for attr in card.sensitive_attributes]
     mask_ratio = settings.mask_ratio
-    splits = load_splits(layout, dataset, normalisation)
-    baseline_model = random_model(trained.config, settings.seed)
+    splits = load_splits(layout, dataset, ["record_id", "dataset", "domain", *attributes, "label"])
+    device = resolve_device(settings.device)
+    model.to(device)
+    baseline_model = random_model(trained.config, settings.seed).to(device)
 
-    tables, features = [], {kind: {} for kind in FEATURES}
+    tables, features, sampled = [], {kind: {} for kind in FEATURES}, {}
     reconstruction = {}
     for offset, (name, split) in enumerate(splits.items()):
-        noise = masking_noise(len(split.images), model.patch_embed.num_patches, settings.seed + offset)
-        ours = reconstruct(model, split.images, noise, mask_ratio, normalisation, batch_size=settings.batch_size)
-        untrained = reconstruct(baseline_model, split.images, noise, mask_ratio, normalisation,
-                                batch_size=settings.batch_size)
-        patch_mean = reconstruct(model, split.images, noise, mask_ratio, normalisation, patch_mean=True,
-                                 batch_size=settings.batch_size)
+        measured = measure(model, baseline_model, split, normalisation, pool, device, settings,
+                           settings.seed + offset)
         table = split.records[["record_id", "dataset", "domain", *attributes, "label"]].copy()
         table.insert(2, "split", name)
-        table["recon_mse"] = ours.mse.numpy().astype(np.float64)
+        table["recon_mse"] = measured["mse"]
         table["psnr"] = psnr(table["recon_mse"].to_numpy())
-        table["masked_loss"] = ours.loss.numpy().astype(np.float64)
-        table["recon_mse_random_init"] = untrained.mse.numpy().astype(np.float64)
-        table["recon_mse_patch_mean"] = patch_mean.mse.numpy().astype(np.float64)
+        table["masked_loss"] = measured["loss"]
+        table["recon_mse_random_init"] = measured["mse_random_init"]
+        table["recon_mse_patch_mean"] = measured["mse_patch_mean"]
         tables.append(table)
         reconstruction[name] = {"count": len(table), "mse": table["recon_mse"].mean(),
                                 "psnr": float(psnr(table["recon_mse"].mean())),
                                 "masked_loss": table["masked_loss"].mean(),
                                 "mse_random_init": table["recon_mse_random_init"].mean(),
                                 "mse_patch_mean": table["recon_mse_patch_mean"].mean()}
-        features["mae"][name] = embed(model, split.images, pool, settings.batch_size)
-        features["random_init"][name] = embed(baseline_model, split.images, pool, settings.batch_size)
-        features["raw_pixels"][name] = split.images.flatten(1).numpy()
+        features["mae"][name], features["random_init"][name] = measured["mae"], measured["random_init"]
+        sampled[name] = raw_pixel_rows(len(split), settings, offset)
+        features["raw_pixels"][name] = raw_pixels(split.pixels, sampled[name], normalisation,
+                                                  settings.raw_pixels_size, settings.batch_size)
         log.info("%s: %d images, hidden-pixel MSE %.4f (random init %.4f, patch mean %.4f)", name, len(table),
                  reconstruction[name]["mse"], reconstruction[name]["mse_random_init"],
                  reconstruction[name]["mse_patch_mean"])
@@ -186,7 +247,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
             table["probe_correct"] = table["knn_correct"] = np.nan
         log.info("probe and kNN skipped: %s", missing)
     else:
-        scores, predictions = representation_metrics(splits, features, settings)
+        scores, predictions = representation_metrics(splits, features, sampled, settings)
         for method in ("probe", "knn"):
             scores[method]["available"] = True
         for table, name in zip(tables, splits):
@@ -197,8 +258,12 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))
+    side = splits["train"].pixels.shape[2]
     raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": pool,
-           "reconstruction": reconstruction, **scores}
+           "reconstruction": reconstruction, **scores,
+           "raw_pixels": {"max_images": settings.raw_pixels_images,
+                          "size": -(-side // pooling(side, settings.raw_pixels_size)),
+                          "images": {name: len(rows) for name, rows in sampled.items()}}}
     # rounded, so the DVC metrics do not change with the last bits of a float sum
     metrics = EvalMetrics.model_validate(json.loads(json.dumps(raw, default=float),
                                                     parse_float=lambda v: round(float(v), 6)))
@@ -207,12 +272,11 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     samples.to_parquet(layout.samples_file, index=False)
     np.savez(layout.embeddings_file, record_id=samples["record_id"].to_numpy(dtype=str),
              split=samples["split"].to_numpy(dtype=str),
-             **{kind: np.concatenate([features[kind][name] for name in splits]).astype(np.float32)
-                for kind in ("mae", "random_init")})
+             **{kind: np.concatenate([features[kind][name] for name in splits]) for kind in ("mae", "random_init")})
     layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(layout.eval_metrics_file, metrics)
     layout.eval_figures.mkdir(parents=True, exist_ok=True)
-    figures = grids(model, splits, attributes, normalisation, settings, mask_ratio, layout.eval_figures)
+    figures = grids(model.cpu(), splits, attributes, normalisation, settings, mask_ratio, layout.eval_figures)
     _summarise(metrics)
     if log_to_mlflow:
         with model_run(layout.run_file) as mlflow:

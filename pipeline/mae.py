@@ -230,9 +230,12 @@ class MAEEncoder(nn.Module):
 
     Its state-dict keys are those of the released encoder checkpoints (cls_token, pos_embed,
     patch_embed.*, blocks.*, norm.*). It shares parameters with the MAE it was made from. `pool` picks
-    the feature (one of POOLS): the class token ("cls") or the mean of the patch tokens ("avg", the global
-    pooling the reference uses for fine-tuning). It has no default: the logged encoder, evaluation and the
-    audits all take it from `evaluate.pool`, so what is published is what was audited.
+    the feature (one of POOLS): the class token ("cls"), the mean of the patch tokens ("avg", the global
+    pooling the reference uses for fine-tuning), or the mean patch token after every block, concatenated
+    ("blocks", the last one normalised, so it ends with "avg"): a shallow encoder keeps much of what a linear
+    probe reads in its earlier blocks, which is why DINO's linear evaluation concatenates several blocks. It
+    has no default: the logged encoder, evaluation and the audits all take it from `evaluate.pool`, so what
+    is published is what was audited.
     """
 
     def __init__(self, mae: MaskedAutoencoderViT, pool: str):
@@ -243,11 +246,21 @@ class MAEEncoder(nn.Module):
         self.patch_embed, self.cls_token, self.pos_embed = mae.patch_embed, mae.cls_token, mae.pos_embed
         self.blocks, self.norm = mae.blocks, mae.norm
 
+    @property
+    def width(self) -> int:
+        """The length of the feature vector each image gets."""
+        return self.cls_token.shape[-1] * (len(self.blocks) if self.pool == "blocks" else 1)
+
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        means = []
         for block in self.blocks:
             x = block(x)
+            means.append(x[:, 1:].mean(dim=1))
         x = self.norm(x)
-        return x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]
+        if self.pool == "cls":
+            return x[:, 0]
+        means[-1] = x[:, 1:].mean(dim=1)  # the last block's after the final norm: "avg"
+        return torch.cat(means, dim=1) if self.pool == "blocks" else means[-1]

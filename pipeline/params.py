@@ -157,6 +157,28 @@ class PrepareSettings(_Strict):
         return self
 
 
+class AugmentSettings(_Strict):
+    """The MAE recipe's augmentation, applied per batch on the device; every parameter is drawn from a generator
+    seeded by (seed, epoch, sample), so it does not depend on loader workers or DDP processes."""
+
+    flip: bool = Field(default=True, description="horizontal flip with probability 0.5")
+    random_resized_crop: bool = Field(default=False, description="crop a random box, resized back (bicubic)")
+    scale: tuple[float, float] = Field(default=(0.2, 1.0), description="of the image's area (the paper: 0.2-1.0)")
+    ratio: tuple[float, float] = Field(default=(0.75, 4 / 3), description="of the box's width to its height")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentSettings:
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale {list(self.scale)} must be [low, high] with 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio {list(self.ratio)} must be [low, high] with 0 < low <= high")
+        return self
+
+
+Auto = Literal["auto"]
+
+
 class PretrainSettings(_Strict):
     dataset: str = Field(description="the dataset whose prepared train split trains the model")
     preset: str = "micro"
@@ -170,14 +192,29 @@ class PretrainSettings(_Strict):
     min_lr: float = Field(default=0.0, ge=0)
     warmup_epochs: float = Field(default=0.0, ge=0)
     weight_decay: float = Field(default=0.05, ge=0)
-    bf16: bool = False
+    bf16: Auto | bool = Field(default="auto", description="autocast; auto: on CUDA where supported (emulated, so "
+                                                          "slower, on most CPUs)")
+    compile: Auto | bool = Field(default="auto", description="torch.compile the training step; auto: on CUDA")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda where present")
-    flip: bool = True
+    augment: AugmentSettings = AugmentSettings()
+    workers: int = Field(default=0, ge=0, description="DataLoader worker processes (0: read in the training process)")
+    prefetch: int = Field(default=2, gt=0, description="batches each worker reads ahead")
+    log_every: int = Field(default=10, gt=0, description="optimiser steps between reads of the losses (each read "
+                                                         "waits for the device)")
     checkpoint_every: int = Field(default=1, gt=0, description="epochs between resumable checkpoints")
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="also every this many optimiser "
+                                                                               "steps, mid-epoch")
     seed: int = 0
     threads: int = Field(default=2, gt=0, description="CPU threads per process, fixed for reproducible sums")
     experiment: str = "mae-pretrain"
     figure_images: int = Field(default=8, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data):
+        if isinstance(data, dict) and "flip" in data:
+            raise ValueError("`flip` has moved to `augment.flip`")
+        return data
 
     @field_validator("preset")
     @classmethod
@@ -190,12 +227,17 @@ class PretrainSettings(_Strict):
 class EvaluateSettings(_Strict):
     seed: int = Field(default=0, description="fixes the masks, so two models or runs compare on the same ones")
     mask_ratio: float = Field(gt=0, lt=1)
-    pool: Literal[POOLS] = Field(default="avg", description="encoder feature: class token or mean patch token; the "
-                                 "logged encoder returns it too")
+    pool: Literal[POOLS] = Field(default="avg", description="encoder feature: class token, mean patch token, or "
+                                 "every block's mean patch token (blocks); the logged encoder returns it too")
     probe_c: float = Field(default=1.0, gt=0, description="inverse L2 strength of the logistic-regression probe")
     probe_max_iter: int = Field(default=1000, gt=0)
     knn_k: int = Field(default=20, gt=0)
     batch_size: int = Field(default=256, gt=0)
+    workers: int = Field(default=0, ge=0, description="DataLoader worker processes")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda where present")
+    raw_pixels_images: int = Field(default=2500, ge=10, description="the raw-pixel baseline's seeded sample per split "
+                                                                    "(bounds its memory)")
+    raw_pixels_size: int = Field(default=32, ge=1, description="raw pixels area-averaged to at most this many a side")
     figure_images: int = Field(default=8, ge=1, description="images per group / domain grid")
     threads: int = Field(default=2, gt=0)
 
@@ -253,7 +295,10 @@ class ShiftSettings(BootstrapSettings):
     max_domain_auc: float = Field(gt=0.5, le=1, description="a significant drift with a larger AUC fails")
     max_relative_error_increase: float = Field(gt=0, description="held-out domain error / in-distribution - 1")
     max_accuracy_drop: float = Field(gt=0, le=1)
-    max_relative_mce: float = Field(gt=1, description="mean corruption error relative to clean images")
+    max_relative_mce: float = Field(gt=1, description="mean corruption error relative to clean images (decides "
+                                                      "shift.corruptions only where the data has no labels)")
+    max_corruption_accuracy_drop: float = Field(gt=0, le=1, description="probe accuracy lost under corruption, mean "
+                                                                        "over corruptions and severities")
     corruption_images: int = Field(default=256, ge=1)
     mask_ratios: list[float] = Field(default=[0.25, 0.5, 0.75, 0.9], min_length=1)
     overtrust_images: int = Field(default=2, ge=1)

@@ -13,6 +13,8 @@ PRESETS = {
                  decoder_num_heads=16),
 }
 
-# The encoder's feature: the class token or the mean patch token (MAEEncoder; evaluate.pool picks one).
-POOLS = ("avg", "cls")
-POOL_NAMES = {"avg": "the mean of the final patch tokens", "cls": "the final class token"}
+# The encoder's feature: the class token, the mean patch token, or the mean patch token of every block
+# concatenated (MAEEncoder; evaluate.pool picks one).
+POOLS = ("avg", "cls", "blocks")
+POOL_NAMES = {"avg": "the mean of the final patch tokens", "cls": "the final class token",
+              "blocks": "the mean patch token of every encoder block, concatenated"}

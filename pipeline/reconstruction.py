@@ -40,7 +40,9 @@ def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.
                 normalisation: Normalisation, patch_mean: bool = False, batch_size: int = 256,
                 reference: torch.Tensor | None = None) -> Reconstruction:
     """Reconstruct on the masks `noise` decides; `patch_mean` replaces the model by each patch's own mean.
-    The pixel error is against `reference` where given (the clean originals of corrupted inputs), else the input."""
+    The pixel error is against `reference` where given (the clean originals of corrupted inputs), else the input.
+    In batches of `batch_size`; the results stay on the model's device (a caller streaming a split keeps only
+    the per-sample errors)."""
     model.eval()
     device = next(model.parameters()).device
     parts = []
@@ -59,7 +61,7 @@ def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.
         truth = batch if reference is None else reference[start:start + batch_size].to(device)
         error = (normalisation.denormalise(pasted).clamp(0, 1) - normalisation.denormalise(truth).clamp(0, 1)) ** 2
         mse = (error * hidden).sum(dim=(1, 2, 3)) / hidden.sum(dim=(1, 2, 3))
-        parts.append((pasted.cpu(), hidden.cpu(), loss.cpu(), mse.cpu()))
+        parts.append((pasted, hidden, loss, mse))
     return Reconstruction(*(torch.cat(column) for column in zip(*parts)))
 
 
@@ -67,10 +69,11 @@ def reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, noi
                           normalisation: Normalisation, mask_ratio: float, title: str):
     """Rows of original / masked / reconstruction, each column labelled with its pixel MSE."""
     plt = pyplot()
+    images = images.to(next(model.parameters()).device)
     result = reconstruct(model, images, noise, mask_ratio, normalisation)
 
     def show(x: torch.Tensor) -> np.ndarray:
-        return normalisation.denormalise(x.unsqueeze(0))[0].clamp(0, 1).permute(1, 2, 0).numpy().squeeze()
+        return normalisation.denormalise(x.unsqueeze(0))[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy().squeeze()
 
     columns = len(images)
     figure, axes = plt.subplots(3, columns, figsize=(1.4 * columns, 4.9), squeeze=False)

@@ -135,13 +135,19 @@ def representation_table(result: BiasResult) -> list[str]:
 
 
 def corruption_sentence(suite: Corruptions, check: Check) -> str:
-    """The corruption result with its interval (shift.md, report.md)."""
-    return (f"Corruptions ({suite.images} unseen images, six corruptions at five severities): mean reconstruction "
-            f"error {fmt(check.value, 3)} times the clean error, {check.confidence:.0%} interval "
-            f"{fmt(check.interval, 3)} (paired bootstrap over images), against at most {check.threshold}: "
-            f"**{check.status}**"
-            + (f"; mean probe error {fmt(suite.relative_mce_probe, 3)} times the clean error"
-               if suite.relative_mce_probe is not None else "") + ".")
+    """The corruption result with its interval, and which measurement decided it (shift.md, report.md)."""
+    head = f"Corruptions ({suite.images} unseen images, six corruptions at five severities): "
+    decided = (f"{check.confidence:.0%} interval {fmt(check.interval, 3)} (paired bootstrap over images), against "
+               f"{check.threshold}: **{check.status}**")
+    reconstruction = f"mean reconstruction error {fmt(suite.relative_mce_reconstruction, 3)} times the clean error"
+    if suite.decided_by == "reconstruction":
+        return head + f"{reconstruction}, {decided} (no labels, so no probe to judge)."
+    return (head + f"probe accuracy under corruption minus clean accuracy {fmt(check.value, 3)} (clean "
+            f"{fmt(suite.clean.probe_accuracy, 3)}; mean probe error {fmt(suite.relative_mce_probe, 3)} times the "
+            f"clean error), {decided}. Decided on the "
+            f"probe, as ImageNet-C decides on the classifier: the {reconstruction} is reported, not judged, because a "
+            "brightness or contrast change shows in every visible patch, so any raw-pixel reconstructor carries it "
+            "into the hidden pixels and that error grows with the corruption, not with the model's weakness.")
 
 
 # ---------------------------------------------------------------- matplotlib

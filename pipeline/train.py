@@ -1,11 +1,13 @@
 """MAE pretraining: the training loop in one place, single process or torchrun DDP.
 
-AdamW (betas 0.9, 0.95; no weight decay on biases, norms, tokens and position embeddings), lr =
-base_lr x effective batch / 256, per-iteration linear warm-up then half-cycle cosine, gradient
-accumulation, optional bf16 autocast. Every random choice (batch order, flips, masking noise) comes
-from generators seeded by (seed, epoch), and checkpoints hold model, optimiser, step, epoch and RNG
-states, so a run killed at any point and started again ends with the same weights as one that was
-never interrupted.
+AdamW (betas 0.9, 0.95; no weight decay on biases, norms, tokens and position embeddings; fused on CUDA), lr =
+base_lr x effective batch / 256, per-iteration linear warm-up then half-cycle cosine, gradient accumulation,
+bf16 autocast and torch.compile where they pay (CUDA). The data streams from the memory-mapped split through a
+DataLoader (pipeline.data). Every random choice (batch order; each sample's masking noise, crop and flip) comes
+from generators seeded by (seed, epoch) and (seed, epoch, sample), and checkpoints (at epoch ends and every
+`checkpoint_every_steps` steps) hold model, optimiser, step, position in the epoch and RNG states, so a run killed
+at any point and started again ends with the same weights as one that was never interrupted, whatever the number
+of loader workers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +32,16 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import PipelineError
+from pipeline.data import Batches, SplitPixels, loader, model_input
 from pipeline.mae import MaskedAutoencoderViT
+from pipeline.normalisation import Normalisation
 from pipeline.params import PretrainSettings
 
 log = logging.getLogger(__name__)
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+# settings that change how the data is read or when losses are read, never the weights: not in the fingerprint
+WEIGHTLESS = {"workers", "prefetch", "log_every"}
 
 
 @dataclass(frozen=True)
@@ -80,31 +86,26 @@ def learning_rate(step: float, total: int, warmup: float, peak: float, minimum: 
     return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The randomness of one epoch: batch order and flips (numpy), masking noise (torch)."""
-    return np.random.default_rng([seed, epoch]), torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
 @torch.no_grad()
-def masked_losses(model: MaskedAutoencoderViT, images: torch.Tensor, mask_ratio: float, seed: int,
-                  batch_size: int = 256) -> tuple[float, float]:
-    """Held-out masked-patch loss of the model and of predicting each patch's own mean, on fixed masks."""
+def masked_losses(model: MaskedAutoencoderViT, batches: Iterable[dict], normalisation: Normalisation,
+                  mask_ratio: float, seed: int) -> tuple[float, float]:
+    """Held-out masked-patch loss of the model and of predicting each patch's own mean, on fixed masks (the same
+    for any batch size: one generator draws them batch after batch)."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    total = baseline = 0.0
+    total = baseline = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
+    for loaded in batches:
+        batch = model_input(loaded, normalisation, device)
         noise = torch.rand(len(batch), model.patch_embed.num_patches, generator=generator).to(device)
         loss, _, mask = model(batch, mask_ratio, noise)
         target = model.target(batch)
         patch_mean = target.mean(dim=-1, keepdim=True).expand_as(target)
-        base = model.forward_loss(batch, patch_mean, mask)
-        total += float(loss) * len(batch)
-        baseline += float(base) * len(batch)
+        total = total + loss.double() * len(batch)
+        baseline = baseline + model.forward_loss(batch, patch_mean, mask).double() * len(batch)
         count += len(batch)
-    return total / count, baseline / count
+    return float(total) / count, float(baseline) / count
 
 
 @dataclass
@@ -115,6 +116,8 @@ class State:
     step: int = 0  # optimiser steps completed
     history: list[dict] = field(default_factory=list)
     run_id: str | None = None
+    position: int = 0  # micro-batches of epoch `epoch` already trained on (a mid-epoch checkpoint)
+    epoch_losses: list[float] = field(default_factory=list)  # their losses, for the epoch's mean
 
 
 def rng_states() -> dict:
@@ -138,15 +141,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch": state.epoch, "step": state.step, "history": state.history, "run_id": state.run_id,
-        "fingerprint": fingerprint,
+        "position": state.position, "epoch_losses": state.epoch_losses, "fingerprint": fingerprint,
         "rng": rng_states(),
     }, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> State | None:
-    """Resume from `path` when it belongs to this very configuration and data; otherwise start afresh. It is
-    loaded with weights_only, so a planted file can hold only tensors and plain values, never code."""
+def read_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at `path` when it belongs to this very configuration and data; otherwise None (start afresh).
+    It is loaded with weights_only, so a planted file can hold only tensors and plain values, never code."""
     if not path.is_file():
         return None
     try:
@@ -157,75 +160,117 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if checkpoint.get("fingerprint") != fingerprint:
         log.info("ignoring %s: it was written for other params or data", path)
         return None
+    log.info("resuming from %s at epoch %d, step %d", path, checkpoint["epoch"] + 1, checkpoint["step"])
+    return checkpoint
+
+
+def resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str,
+           world: World) -> State | None:
+    """Rank 0 reads the checkpoint and every process takes its state from rank 0: only rank 0 writes checkpoints,
+    so on several machines the others have none (or a stale one) in their own folders."""
+    checkpoint = read_checkpoint(path, fingerprint) if world.main else None
+    if world.size > 1:
+        sent = [checkpoint]
+        dist.broadcast_object_list(sent, src=0)
+        checkpoint = sent[0]
+    if checkpoint is None:
+        return None
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     set_rng_states(checkpoint["rng"])
-    log.info("resuming from %s after epoch %d", path, checkpoint["epoch"])
-    return State(checkpoint["epoch"], checkpoint["step"], checkpoint["history"], checkpoint["run_id"])
+    return State(checkpoint["epoch"], checkpoint["step"], checkpoint["history"], checkpoint["run_id"],
+                 checkpoint["position"], checkpoint["epoch_losses"])
 
 
 def fingerprint(settings: PretrainSettings, model_args: dict, data_digest: str, world_size: int) -> str:
     """What a checkpoint must match to be resumed: params, model, data, world size, and the code that trains (the
-    loop, the model and the normalisation of its input)."""
+    loop, the model, the data path and the normalisation of its input). Settings that cannot change the weights
+    (how the data is read, how often losses are read) are left out, so a run may resume with more workers."""
     code = hashlib.sha256()
-    for module in (Path(__file__), Path(__file__).with_name("mae.py"), Path(__file__).with_name("normalisation.py")):
-        code.update(module.read_bytes())
-    payload = json.dumps({"settings": settings.model_dump(mode="json"), "model": model_args, "data": data_digest,
+    for name in ("train.py", "mae.py", "data.py", "normalisation.py"):
+        code.update(Path(__file__).with_name(name).read_bytes())
+    settings_json = settings.model_dump(mode="json", exclude=WEIGHTLESS)
+    payload = json.dumps({"settings": settings_json, "model": model_args, "data": data_digest,
                           "world_size": world_size, "code": code.hexdigest()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def train(model: MaskedAutoencoderViT, images: torch.Tensor, settings: PretrainSettings, checkpoint: Path,
-          run_fingerprint: str, world: World = World(), on_start: Callable[[State], None] | None = None,
-          on_step: Callable[[int, dict], None] | None = None,
+def use_bf16(settings: PretrainSettings, device: torch.device) -> bool:
+    """auto: on CUDA where the device has bf16; elsewhere it is emulated, and slower than fp32."""
+    if settings.bf16 == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return settings.bf16
+
+
+def use_compile(settings: PretrainSettings, device: torch.device) -> bool:
+    """auto: on CUDA; on a CPU the compile time outweighs what the small default model gains."""
+    return device.type == "cuda" if settings.compile == "auto" else settings.compile
+
+
+def train(model: MaskedAutoencoderViT, data: SplitPixels, normalisation: Normalisation, settings: PretrainSettings,
+          checkpoint: Path, run_fingerprint: str, world: World = World(),
+          on_start: Callable[[State], None] | None = None, on_step: Callable[[int, dict], None] | None = None,
           on_epoch: Callable[[State], None] | None = None) -> State:
-    """Train `model` on `images` (normalised [N, C, H, W]); returns the final state with per-epoch history."""
+    """Train `model` on the split `data` (its draws give each sample's noise and augmentation); returns the final
+    state with per-epoch history.
+
+    Nothing waits for the device per step: losses stay on it and are read every `log_every` steps, at checkpoints
+    and at epoch ends, when a non-finite one stops the run, naming its step."""
     device = next(model.parameters()).device
     per_step = settings.batch_size * world.size
-    steps_per_epoch = len(images) // (per_step * settings.accum_steps)
-    if steps_per_epoch == 0:
-        raise PipelineError(f"params.yaml: pretrain.batch_size: {len(images)} training images are fewer than one "
-                            f"effective batch ({per_step * settings.accum_steps})")
     effective_batch = per_step * settings.accum_steps
+    steps_per_epoch = len(data) // effective_batch
+    if steps_per_epoch == 0:
+        raise PipelineError(f"params.yaml: pretrain.batch_size: {len(data)} training images are fewer than one "
+                            f"effective batch ({effective_batch})")
+    micro_per_epoch = steps_per_epoch * settings.accum_steps
     peak_lr = settings.base_lr * effective_batch / 256
     total_steps = settings.epochs * steps_per_epoch
     warmup_steps = settings.warmup_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=peak_lr, betas=(0.9, 0.95))
-    state = load_checkpoint(checkpoint, model, optimizer, run_fingerprint) or State()
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=peak_lr, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    state = resume(checkpoint, model, optimizer, run_fingerprint, world) or State()
     if on_start:
         on_start(state)
     ddp = nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else nullcontext()
+    forward = torch.compile(ddp) if use_compile(settings, device) else ddp
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(settings, device))
+    batches = Batches(len(data), settings.batch_size, shuffle=True, seed=settings.seed, rank=world.rank,
+                      world_size=world.size, count=micro_per_epoch)
+    loaded = loader(data, batches, settings.workers, device, settings.prefetch)
+    pending: list[tuple[int, float, list[torch.Tensor]]] = []  # (step, lr, its micro-batch losses) not yet read
+
+    def read(bar) -> None:
+        """Wait for the device once, check the pending losses, and hand each step's to on_step."""
+        values = torch.stack([loss for _, _, losses in pending for loss in losses]).tolist()
+        for (step, lr, _), losses in zip(pending, np.split(np.array(values), len(pending))):
+            bad = next((value for value in losses if not math.isfinite(value)), None)
+            if bad is not None:
+                raise PipelineError(f"non-finite loss ({bad}) at epoch {state.epoch + 1}, step {step}: lower "
+                                    "pretrain.base_lr or check the training data")
+            state.epoch_losses.extend(losses.tolist())
+            if on_step and world.main:
+                on_step(step, {"train_loss": float(np.mean(losses)), "lr": lr})
+        bar.set_postfix(loss=f"{values[-1]:.4f}")
+        pending.clear()
 
     for epoch in range(state.epoch, settings.epochs):
         model.train()
-        order_rng, noise_rng = epoch_generators(settings.seed, epoch)
-        order = order_rng.permutation(len(images))
-        flips = order_rng.random(len(images)) < 0.5 if settings.flip else np.zeros(len(images), dtype=bool)
-        losses, started, seen = [], time.perf_counter(), 0
-        bar = tqdm(range(steps_per_epoch * settings.accum_steps), desc=f"epoch {epoch + 1}/{settings.epochs}",
+        batches.epoch, batches.start = epoch, state.position
+        started, seen, losses = time.perf_counter(), 0, []
+        bar = tqdm(total=micro_per_epoch, initial=state.position, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    unit="batch", disable=not world.main or None, leave=False)
-        for micro in bar:
-            # every process draws the whole global batch's noise so the stream is the same at any world size
-            global_ids = order[micro * per_step:(micro + 1) * per_step]
-            noise = torch.rand(per_step, model.patch_embed.num_patches, generator=noise_rng)
-            mine = slice(world.rank * settings.batch_size, (world.rank + 1) * settings.batch_size)
-            ids = global_ids[mine]
-            batch = images[ids]
-            flip = torch.from_numpy(flips[ids])
-            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch).to(device)
+        for micro, batch in enumerate(loaded, start=state.position):
+            images = model_input(batch, normalisation, device)
             last_micro = (micro + 1) % settings.accum_steps == 0
             # gradients are all-reduced only on the micro-batch that ends an accumulation
             with ddp.no_sync() if world.size > 1 and not last_micro else nullcontext():
                 with autocast:
-                    loss, _, _ = ddp(batch, settings.mask_ratio, noise[mine].to(device))
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise PipelineError(f"non-finite loss ({value}) at epoch {epoch + 1}, step {state.step + 1}: "
-                                        "lower pretrain.base_lr or check the training data")
+                    loss, _, _ = forward(images, settings.mask_ratio, batch["noise"].to(device, non_blocking=True))
                 (loss / settings.accum_steps).backward()
-            losses.append(value)
-            seen += len(global_ids)
+            losses.append(loss.detach())
+            seen += per_step
+            bar.update()
             if not last_micro:
                 continue
             lr = learning_rate(state.step, total_steps, warmup_steps, peak_lr, settings.min_lr)
@@ -234,18 +279,26 @@ def train(model: MaskedAutoencoderViT, images: torch.Tensor, settings: PretrainS
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            images_per_second = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{images_per_second:.0f}")
-            if on_step and world.main:
-                on_step(state.step, {"train_loss": float(np.mean(losses[-settings.accum_steps:])), "lr": lr})
-        state.epoch = epoch + 1
-        state.history.append({"epoch": state.epoch, "train_loss": float(np.mean(losses)),
+            state.position = micro + 1
+            pending.append((state.step, lr, losses))
+            losses = []
+            ends_epoch = state.position == micro_per_epoch
+            mid_checkpoint = bool(settings.checkpoint_every_steps) and not ends_epoch \
+                and state.step % settings.checkpoint_every_steps == 0
+            if ends_epoch or mid_checkpoint or len(pending) >= settings.log_every:
+                read(bar)
+            if mid_checkpoint and world.main:
+                save_checkpoint(checkpoint, model, optimizer, state, run_fingerprint)
+        bar.close()
+        state.history.append({"epoch": epoch + 1, "train_loss": float(np.mean(state.epoch_losses)),
                               "images_per_second": seen / (time.perf_counter() - started)})
+        state.epoch, state.position, state.epoch_losses = epoch + 1, 0, []
         if world.main:
-            log.info("epoch %d/%d: loss %.4f, %.0f images/s", state.epoch, settings.epochs, np.mean(losses),
-                     state.history[-1]["images_per_second"])
+            log.info("epoch %d/%d: loss %.4f, %.0f images/s", state.epoch, settings.epochs,
+                     state.history[-1]["train_loss"], state.history[-1]["images_per_second"])
         if world.main and on_epoch:
             on_epoch(state)
-        if world.main and (state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs):
+        if world.main and (state.epoch % settings.checkpoint_every == 0 or state.epoch == settings.epochs
+                           or (settings.checkpoint_every_steps and state.step % settings.checkpoint_every_steps == 0)):
             save_checkpoint(checkpoint, model, optimizer, state, run_fingerprint)
     return state

@@ -1,8 +1,9 @@
 """The trained model as the later stages load it, and the prepared splits as the model reads them.
 
 One call gives the model with its weights, normalisation, dataset and MLflow run (`load_trained`), another a split
-with its records, stored pixels and normalised images (`load_split`), so pretrain, evaluate and audit_shift do not
-each repeat the prologue, and a missing file names the stage to run.
+with its records and its memory-mapped pixels (`load_split`), so pretrain, evaluate and audit_shift do not each
+repeat the prologue, and a missing file names the stage to run. Pixels are read in batches (pipeline.data) or by
+row (`take`), never a whole split at once.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import pandas as pd
 import torch
 
 from pipeline import PipelineError
-from pipeline.artifacts import SPLITS, Layout, not_found, read_array, read_table
+from pipeline.artifacts import SPLITS, Layout, not_found, read_table
 from pipeline.contracts import ModelConfig, RunRecord
+from pipeline.data import Mapped, SplitPixels
 from pipeline.mae import MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 
@@ -47,24 +49,40 @@ def load_trained(layout: Layout) -> Trained:
 @dataclass
 class Split:
     name: str
-    records: pd.DataFrame  # row i describes pixels[i]
-    pixels: np.ndarray  # stored uint8 [N, H, W, C]
-    images: torch.Tensor | None = None  # normalised [N, C, H, W], when a normalisation was given
+    records: pd.DataFrame  # row i describes pixel row i
+    data: SplitPixels  # the stored uint8 pixels, memory-mapped
+
+    @property
+    def pixels(self) -> Mapped:
+        """uint8 [N, H, W, C], memory-mapped: indexing reads only the rows asked for."""
+        return self.data.pixels
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.data)
 
 
-def load_split(layout: Layout, dataset: str, split: str, normalisation: Normalisation | None = None,
-               records: bool = True) -> Split:
-    pixels = read_array(layout.split_pixels(dataset, split))
-    table = read_table(layout.split_records(dataset, split)).reset_index(drop=True) if records else pd.DataFrame()
-    return Split(split, table, pixels, None if normalisation is None else normalisation.normalise(pixels))
+def load_split(layout: Layout, dataset: str, split: str, columns: list[str] | None = None) -> Split:
+    """A split's records (only `columns`, when given: a record's every manifest field costs about 1.4 KB in pandas)
+    and its memory-mapped pixels."""
+    table = read_table(layout.split_records(dataset, split), columns).reset_index(drop=True)
+    return Split(split, table, SplitPixels(layout.split_pixels(dataset, split)))
 
 
-def load_splits(layout: Layout, dataset: str, normalisation: Normalisation | None = None) -> dict[str, Split]:
+def load_splits(layout: Layout, dataset: str, columns: list[str] | None = None) -> dict[str, Split]:
     """Every non-empty split, train first; the train split must not be empty."""
-    splits = {name: load_split(layout, dataset, name, normalisation) for name in SPLITS}
+    splits = {name: load_split(layout, dataset, name, columns) for name in SPLITS}
     if not len(splits["train"]):
         raise PipelineError(f"{layout.split_records(dataset, 'train')}: the train split is empty")
     return {name: split for name, split in splits.items() if len(split)}
+
+
+def take(splits: list[Split], rows: np.ndarray) -> np.ndarray:
+    """Rows of the splits' pixels taken end to end (row len(splits[0]) is the second split's first), read from
+    their memory maps: the rest is never loaded."""
+    sizes = np.array([len(split) for split in splits])
+    which = np.searchsorted(np.cumsum(sizes), rows, side="right")
+    taken = np.empty((len(rows), *splits[0].pixels.shape[1:]), dtype=np.uint8)
+    for k, (split, offset) in enumerate(zip(splits, np.cumsum(sizes) - sizes)):
+        mine = which == k
+        taken[mine] = split.pixels[rows[mine] - offset]
+    return taken

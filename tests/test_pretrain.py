@@ -11,12 +11,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
+from pipeline import PipelineError
+from pipeline.data import Draws, SplitPixels
 from pipeline.mae import build
-from pipeline.train import learning_rate, param_groups
+from pipeline.normalisation import Normalisation
+from pipeline.params import PretrainSettings
+from pipeline.train import State, learning_rate, param_groups, train
 from tests.conftest import ROOT, Workspace, mlflow_env, small_params
 
 TINY_TRAINING = dict(epochs=4, batch_size=32, checkpoint_every=1, warmup_epochs=1, figure_images=4, threads=1)
@@ -40,6 +45,64 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
     assert learning_rate(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert learning_rate(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
     assert learning_rate(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def train_in_process(split: Path, checkpoint: Path, on_step=None, **changes) -> tuple[dict, State]:
+    """A micro model trained by the real loop on a tiny memory-mapped split: 6 steps an epoch of 2 micro-batches."""
+    settings = PretrainSettings.model_validate({
+        **small_params()["pretrain"], "epochs": 2, "batch_size": 8, "accum_steps": 2, "checkpoint_every": 100,
+        "augment": {"flip": True, "random_resized_crop": True}, **changes})
+    torch.manual_seed(0)
+    model = build("micro", 16, 4, 3)
+    data = SplitPixels(split, Draws(settings.seed, 4, settings.augment))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)  # as the stage does
+    try:
+        state = train(model, data, Normalisation.fit(data.pixels), settings, checkpoint, "fingerprint",
+                      on_step=on_step)
+    finally:
+        torch.set_num_threads(threads)
+    return model.state_dict(), state
+
+
+@pytest.fixture
+def tiny_split(tmp_path: Path) -> Path:
+    path = tmp_path / "train.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (100, 16, 16, 3), dtype=np.uint8))
+    return path
+
+
+def test_two_runs_that_differ_only_in_loader_workers_end_with_identical_weights(tiny_split: Path, tmp_path: Path):
+    a, state = train_in_process(tiny_split, tmp_path / "a.pt", workers=0)
+    b, _ = train_in_process(tiny_split, tmp_path / "b.pt", workers=2, prefetch=1)
+    assert state.step == 12
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_the_step_checkpoint_with_the_same_weights_and_history(
+        tiny_split: Path, tmp_path: Path):
+    straight, straight_state = train_in_process(tiny_split, tmp_path / "straight.pt", checkpoint_every_steps=4)
+
+    def crash(step: int, values: dict) -> None:
+        if step == 7:
+            raise Crash
+    checkpoint = tmp_path / "interrupted.pt"
+    with pytest.raises(Crash):
+        train_in_process(tiny_split, checkpoint, on_step=crash, checkpoint_every_steps=4, log_every=1)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["position"], len(saved["epoch_losses"])) == (0, 4, 8, 8)
+    resumed, resumed_state = train_in_process(tiny_split, checkpoint, checkpoint_every_steps=4)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [h["train_loss"] for h in resumed_state.history] == [h["train_loss"] for h in straight_state.history]
+
+
+def test_a_non_finite_loss_read_late_still_names_its_step(tiny_split: Path, tmp_path: Path):
+    with pytest.raises(PipelineError, match=r"non-finite loss \(nan\) at epoch 1, step \d+"):
+        train_in_process(tiny_split, tmp_path / "c.pt", base_lr=1e12, warmup_epochs=0, log_every=100)
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +140,23 @@ def metric_history(uri: str, key: str) -> list:
     return client.get_metric_history(run.info.run_id, key)
 
 
-def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run_and_logs_each_step_once(prepared: Path,
-                                                                                                tmp_path: Path):
-    straight = training_space(prepared, tmp_path / "straight")
+# checkpoints only mid-epoch (and at the end): 5 steps apart, never on an epoch's last step (7 per epoch here)
+MID_EPOCH = dict(checkpoint_every=100, checkpoint_every_steps=5, log_every=1)
+
+
+def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupted_run_and_log_each_step_once(
+        prepared: Path, tmp_path: Path):
+    straight = training_space(prepared, tmp_path / "straight", workers=2, **MID_EPOCH)
     result = straight.run("pretrain", env=mlflow_env(straight.root))
     assert result.returncode == 0, result.stderr
 
-    interrupted = training_space(prepared, tmp_path / "interrupted")
+    interrupted = training_space(prepared, tmp_path / "interrupted", workers=2, **MID_EPOCH)
     uri = mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]
     checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted.root)}
     child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill once steps past the last checkpoint are in MLflow, so the resumed run re-lives logged steps
+    # kill once steps past the last (mid-epoch) checkpoint are in MLflow, so the resumed run re-lives logged steps
     deadline, client, run_id = time.time() + 300, None, None
     while time.time() < deadline and child.poll() is None:
         if checkpoint.exists():  # the run (and its database) exists before the first checkpoint
@@ -97,7 +164,7 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run_and_logs_
                 client = MlflowClient(uri)
                 run_id = torch.load(checkpoint, weights_only=True)["run_id"]
             saved = torch.load(checkpoint, weights_only=True)
-            if saved["epoch"] >= 2 and max(m.step for m in client.get_metric_history(run_id, "train_loss")) \
+            if saved["step"] >= 10 and max(m.step for m in client.get_metric_history(run_id, "train_loss")) \
                     > saved["step"]:
                 break
         time.sleep(0.01)
@@ -105,7 +172,9 @@ def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run_and_logs_
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
-    assert max(m.step for m in metric_history(uri, "train_loss")) > torch.load(checkpoint, weights_only=True)["step"]
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["position"] > 0 and saved["epoch_losses"], "the run resumes in the middle of an epoch"
+    assert max(m.step for m in metric_history(uri, "train_loss")) > saved["step"]
     resumed = interrupted.run("pretrain", env=mlflow_env(interrupted.root))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
@@ -141,7 +210,7 @@ def test_a_checkpoint_loads_with_weights_only_and_a_planted_one_is_never_unpickl
 
     import numpy as np
 
-    from pipeline.train import State, load_checkpoint, save_checkpoint
+    from pipeline.train import State, World, resume, save_checkpoint
 
     model = build("micro", 32, 4, 3)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -151,28 +220,53 @@ def test_a_checkpoint_loads_with_weights_only_and_a_planted_one_is_never_unpickl
     after_save = (np.random.rand(), random.random(), torch.rand(1).item())
     assert torch.load(path, weights_only=True)["step"] == 5
     np.random.seed(2), random.seed(2), torch.manual_seed(2)
-    assert load_checkpoint(path, model, optimizer, "fingerprint") == State(1, 5, [], "run")
+    assert resume(path, model, optimizer, "fingerprint", World()) == State(1, 5, [], "run")
     assert (np.random.rand(), random.random(), torch.rand(1).item()) == after_save, "RNG states not restored"
 
     marker = tmp_path / "code-ran"
     torch.save({"fingerprint": "fingerprint", "payload": Planted(marker)}, path)
-    assert load_checkpoint(path, model, optimizer, "fingerprint") is None
+    assert resume(path, model, optimizer, "fingerprint", World()) is None
     assert not marker.exists()
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(prepared: Path, tmp_path: Path):
+def torchrun(space: Workspace, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(space.root)}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "pipeline", "pretrain"], cwd=space.root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_two_process_ddp_matches_one_process_and_resumes_mid_epoch_after_a_sigkill(prepared: Path, tmp_path: Path):
     # with gradient accumulation on both sides, so DDP's no_sync path on the first micro-batch is exercised
     single = training_space(prepared, tmp_path / "single", epochs=2, batch_size=16, accum_steps=2)
     assert single.run("pretrain", env=mlflow_env(single.root)).returncode == 0
-    ddp = training_space(prepared, tmp_path / "ddp", epochs=2, batch_size=8, accum_steps=2)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(ddp.root)}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "pipeline", "pretrain"], cwd=ddp.root, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    ddp_settings = dict(epochs=2, batch_size=8, accum_steps=2, checkpoint_every=100, checkpoint_every_steps=2)
+    ddp = training_space(prepared, tmp_path / "ddp", **ddp_settings)
+    straight = torchrun(ddp)
+    _, errors = straight.communicate(timeout=600)
+    assert straight.returncode == 0, errors[-3000:]
     a, b = weights(single), weights(ddp)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), "DDP diverged from the single-process run"
     assert json.loads((ddp.root / "models" / "mae" / "run.json").read_text())["run_id"]
+
+    # the whole torchrun group killed once a mid-epoch checkpoint exists, then started again
+    interrupted = training_space(prepared, tmp_path / "interrupted", **ddp_settings)
+    checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
+    child = torchrun(interrupted, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["step"] >= 2:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, "training ended before it could be interrupted"
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert torch.load(checkpoint, weights_only=True)["position"] > 0
+    resumed = torchrun(interrupted)
+    _, errors = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resuming from" in errors, errors[-3000:]
+    c = weights(interrupted)
+    assert all(torch.equal(b[k], c[k]) for k in b), "the resumed DDP run differs from the uninterrupted one"
 
 
 def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
@@ -192,7 +286,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     run_file = json.loads((space.root / "models" / "mae" / "run.json").read_text())
     client = MlflowClient(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_file["run_id"])
-    assert run.data.params["mask_ratio"] == "0.75" and run.data.params["preset"] == "micro"
+    assert run.data.params["mask_ratio"] == "0.5" and run.data.params["preset"] == "micro"
     tags = run.data.tags
     assert len(tags["git.commit"]) in (7, 40) or tags["git.commit"] == "unknown"
     assert tags["git.dirty"] in ("true", "false", "unknown")
@@ -215,7 +309,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_env(space.root)["MLFLOW_TRACKING_URI"])  # removed afterwards
     mlflow.set_tracking_uri(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
-    assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 96)
+    assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 4 * 96)  # pool "blocks": each of the 4 blocks
     metrics = json.loads((space.root / "metrics" / "pretrain.json").read_text())
     assert set(metrics) >= {"val_masked_loss", "val_patch_mean_baseline", "improvement_over_baseline"}
     assert run.data.metrics["final_val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
@@ -232,5 +326,7 @@ def test_a_checkpoint_fingerprint_covers_params_data_world_and_code():
     assert base == fingerprint(settings, args, "data-a", 1)
     assert base != fingerprint(settings, args, "data-b", 1)
     assert base != fingerprint(settings, args, "data-a", 2)
-    assert base != fingerprint(settings.model_copy(update={"mask_ratio": 0.5}), args, "data-a", 1)
+    assert base != fingerprint(settings.model_copy(update={"mask_ratio": settings.mask_ratio / 2}), args, "data-a", 1)
     assert base != fingerprint(settings, {"img_size": 16}, "data-a", 1)
+    assert base == fingerprint(settings.model_copy(update={"workers": 4, "log_every": 1}), args, "data-a", 1), \
+        "how the data is read cannot change the weights: a run may resume with more workers"

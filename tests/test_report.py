@@ -336,8 +336,8 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
         cells = _row(results, f"`{c['id']}`")
         assert cells[1] == c["status"] and cells[3:5] == [fmt(c["value"]), fmt(c["interval"])], c["id"]
     corruption = next(c for c in release["checks"] if c["id"] == "shift.corruptions")
-    assert (f"mean reconstruction error {fmt(corruption['value'], 3)} times the clean error, 95% interval "
-            f"{fmt(corruption['interval'], 3)}") in report_md, "the corruption result is stated with its interval"
+    assert (f"probe accuracy under corruption minus clean accuracy {fmt(corruption['value'], 3)}" in report_md
+            and f"95% interval {fmt(corruption['interval'], 3)}" in report_md), "the corruption result and its interval"
     evaluation = json.loads((reported.root / "metrics" / "eval.json").read_text())
     for split, entry in evaluation["reconstruction"].items():
         cells = _row(results, split)

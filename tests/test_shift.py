@@ -6,24 +6,31 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from pydantic import ValidationError
 
 from pipeline.audit.shift import (
     CORRUPTIONS,
     SEVERITIES,
+    CorruptionPairs,
     corrupt,
     corruption_check,
+    corruption_suite,
     domain_auc,
     domain_checks,
     drift_power,
     mmd_test,
 )
-from pipeline.contracts import ShiftResult
+from pipeline.contracts import Corruptions, ShiftResult
+from pipeline.evaluate import embed, linear_probe
+from pipeline.mae import build
+from pipeline.normalisation import Normalisation
 from pipeline.params import ShiftSettings
-from pipeline.render import fmt
+from pipeline.render import corruption_sentence, fmt
 from tests.conftest import Workspace
 
 SETTINGS = ShiftSettings(max_domain_auc=0.75, max_relative_error_increase=0.25, max_accuracy_drop=0.10,
-                         max_relative_mce=3.0, n_boot=200)
+                         max_relative_mce=3.0, max_corruption_accuracy_drop=0.10, n_boot=200)
 
 
 def textured(channels: int, seed: int = 0) -> np.ndarray:
@@ -139,16 +146,71 @@ def test_domain_classifier_auc_is_chance_on_one_distribution_and_high_on_two():
     assert abs(same - 0.5) < 0.1 and apart > 0.9
 
 
-def test_corruption_check_is_a_paired_bootstrap_of_the_reported_mean_corruption_error():
+def test_without_labels_the_corruption_check_is_a_paired_bootstrap_of_the_reported_mean_corruption_error():
     rng = np.random.default_rng(7)
     clean = rng.gamma(4, 0.01 / 4, 200)
     corrupted = clean * rng.normal(2.5, 0.2, 200)
-    check = corruption_check(clean, corrupted, SETTINGS)
+    check = corruption_check(CorruptionPairs(clean, corrupted), SETTINGS)
     assert check.id == "shift.corruptions" and check.area == "shift" and check.test == "non-inferiority"
+    assert check.statistic.endswith("(reconstruction)")
     assert check.value == pytest.approx(corrupted.mean() / clean.mean()) and check.threshold == 3.0
     assert check.interval[0] < check.value < check.interval[1] < 3.0 and check.status == "pass"
     assert check.n_boot >= SETTINGS.n_boot and check.min_detectable is not None
-    assert corruption_check(clean, clean * 3.6, SETTINGS).status == "fail"
+    assert corruption_check(CorruptionPairs(clean, clean * 3.6), SETTINGS).status == "fail"
+
+
+def test_with_labels_the_corruption_check_is_the_probes_paired_accuracy_drop_whatever_the_reconstruction_error():
+    """ImageNet-C's quantity: the classifier under corruption. A reconstruction error 20 times the clean one (what a
+    brightness change does to any raw-pixel reconstructor) does not decide it; the accuracy lost does."""
+    rng = np.random.default_rng(8)
+    clean_error = rng.gamma(4, 0.01 / 4, 400)
+    clean_correct = (rng.random(400) < 0.5).astype(float)
+    small_drop = np.clip(clean_correct - rng.normal(0.02, 0.1, 400), 0, 1)  # means over 30 corrupted copies
+    check = corruption_check(CorruptionPairs(clean_error, clean_error * 20, clean_correct, small_drop), SETTINGS)
+    assert check.statistic.startswith("probe accuracy under corruption") and check.threshold == 0.10
+    assert check.value == pytest.approx(small_drop.mean() - clean_correct.mean())
+    assert check.interval[0] < check.value < check.interval[1] and -0.10 < check.interval[0]
+    assert check.status == "pass" and check.test == "non-inferiority"
+    big_drop = np.clip(clean_correct - rng.normal(0.3, 0.1, 400), 0, 1)
+    failing = corruption_check(CorruptionPairs(clean_error, clean_error, clean_correct, big_drop), SETTINGS)
+    assert failing.status == "fail" and failing.interval[1] < -0.10
+
+
+def test_corruption_suite_pairs_each_images_correctness_and_without_labels_falls_back_to_reconstruction():
+    """The suite's per-image pairs are what its summary reports; with a probe the accuracy decides, without one
+    (a card with no label column) the reconstruction ratio does, and the summary says which, through its JSON."""
+    torch.manual_seed(0)
+    model = build("micro", 32, 8, 3, norm_pix_loss=False).eval()
+    images = np.concatenate([textured(3, seed) for seed in range(4)])
+    labels = np.arange(len(images)) % 2
+    normalisation = Normalisation.fit(images)
+    probe = linear_probe(embed(model, normalisation.normalise(images), "avg", 256), labels, 1.0, 1000)
+    settings = SETTINGS.model_copy(update={"n_boot": 100})
+
+    labelled, pairs = corruption_suite(model, images, labels, probe, normalisation, 0.5, "avg", settings)
+    assert labelled.decided_by == "probe_accuracy" and set(np.unique(pairs.clean_correct)) <= {0.0, 1.0}
+    assert pairs.clean_correct.mean() == pytest.approx(labelled.clean.probe_accuracy)
+    curves = [[point.probe_accuracy for point in curve] for curve in labelled.curves.values()]
+    assert pairs.corrupted_correct.mean() == pytest.approx(np.mean(curves))
+    check = corruption_check(pairs, settings)
+    assert check.statistic.startswith("probe accuracy") and check.threshold == 0.10
+    sentence = corruption_sentence(labelled, check)
+    assert fmt(check.value, 3) in sentence and fmt(labelled.relative_mce_reconstruction, 3) in sentence
+    assert "Decided on the probe" in sentence and "brightness or contrast" in sentence
+
+    unlabelled, pairs = corruption_suite(model, images, None, None, normalisation, 0.5, "avg", settings)
+    assert unlabelled.decided_by == "reconstruction" and unlabelled.relative_mce_probe is None
+    assert pairs.clean_correct is None and pairs.corrupted_correct is None
+    assert pairs.clean_error.mean() == pytest.approx(unlabelled.clean.recon_mse)
+    check = corruption_check(pairs, settings)
+    assert check.statistic.endswith("(reconstruction)") and check.threshold == 3.0
+    assert check.value == pytest.approx(unlabelled.relative_mce_reconstruction)
+    assert "no labels" in corruption_sentence(unlabelled, check)
+
+    for suite in (labelled, unlabelled):
+        assert Corruptions.model_validate_json(suite.model_dump_json()) == suite
+    with pytest.raises(ValidationError):
+        Corruptions.model_validate({**unlabelled.model_dump(), "decided_by": "psnr"})
 
 
 def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(audited: Workspace):
@@ -169,7 +231,10 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     curves = report.corruptions.curves
     assert set(curves) == set(CORRUPTIONS) and all(len(curve) == 5 for curve in curves.values())
     corruption = checks["shift.corruptions"]
-    assert corruption.value == pytest.approx(report.corruptions.relative_mce_reconstruction, rel=1e-9)
+    suite = report.corruptions
+    assert suite.decided_by == "probe_accuracy" and corruption.statistic.startswith("probe accuracy")
+    accuracy = np.mean([[point.probe_accuracy for point in curve] for curve in curves.values()])
+    assert corruption.value == pytest.approx(accuracy - suite.clean.probe_accuracy, abs=1e-9)
     assert report.domains.worst_domain == "site_east"
     shift_md = (evaluated.root / "reports" / "shift" / "shift.md").read_text()
     assert f"interval {fmt(corruption.interval, 3)}" in shift_md, "the corruption result is stated with its interval"

@@ -175,6 +175,12 @@ def evaluation_section(evidence: Evidence) -> list[str]:
         lines += table(["split", "MAE", "random init", "raw pixels"],
                        [[s, fmt(v.get("mae"), 3), fmt(v.get("random_init"), 3), fmt(v.get("raw_pixels"), 3)]
                         for s, v in entry.splits().items()])
+    raw = metrics.raw_pixels
+    if raw is not None and metrics.probe.available:
+        lines += [f"Raw pixels are a seeded sample of at most {raw.max_images:,} images per split ("
+                  + ", ".join(f"{split} {count:,}" for split, count in raw.images.items())
+                  + f"), each averaged to {raw.size} x {raw.size} pixels; the MAE and random-init features cover "
+                  "every image.", ""]
     return lines + figures(evidence, "eval")
 
 

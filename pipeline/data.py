@@ -1,0 +1,184 @@
+"""The data path: prepared splits read memory-mapped, in batches, through a DataLoader; pixels become model input
+(augmented, normalised) per batch on the device.
+
+A split is never loaded whole. `SplitPixels` reads the uint8 [N, H, W, C] .npy through a read-only memory map
+(`Mapped`), and an item is a whole batch, read by its row indices (one fancy index into the map per batch, in the
+loader's worker processes). The rows of each batch come from `Batches`, a sampler run in the training process: for
+training, a permutation seeded by (seed, epoch) cut into global batches of which each DDP process takes its slice;
+for evaluation, every row in order.
+Everything random about a training sample (its masking noise, crop box and flip) is drawn from a generator seeded
+by (seed, epoch, row) (`Draws`). So what an optimiser step sees depends neither on the number of loader workers, nor
+on the number of processes, nor on where a resumed run started, and a resumed run skips the batches it already
+trained on without reading them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.artifacts import read_array
+from pipeline.normalisation import Normalisation, unit
+from pipeline.params import AugmentSettings
+
+Request = tuple[int, np.ndarray]  # (epoch, rows): what the sampler asks the dataset for
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`auto`: CUDA where present, else the CPU."""
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+             ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random resized crop, drawn as torchvision's RandomResizedCrop does: ten tries
+    at an area share in `scale` and an aspect ratio log-uniform in `ratio`, else the centre crop nearest `ratio`."""
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class Draws:
+    """What training draws per sample, from a generator seeded by (seed, epoch, row): the masking noise, then the
+    crop box (when cropping), then the flip."""
+
+    seed: int
+    patch_size: int
+    augment: AugmentSettings
+
+    def __call__(self, epoch: int, rows: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
+        patches = (height // self.patch_size) * (width // self.patch_size)
+        noise = np.empty((len(rows), patches), dtype=np.float32)
+        boxes = np.empty((len(rows), 4), dtype=np.int64)
+        flips = np.zeros(len(rows), dtype=bool)
+        for k, row in enumerate(rows):
+            rng = np.random.default_rng([self.seed, epoch, int(row)])
+            noise[k] = rng.random(patches, dtype=np.float32)
+            if self.augment.random_resized_crop:
+                boxes[k] = crop_box(rng, height, width, self.augment.scale, self.augment.ratio)
+            if self.augment.flip:
+                flips[k] = rng.random() < 0.5
+        drawn = {"noise": torch.from_numpy(noise), "flip": torch.from_numpy(flips)}
+        if self.augment.random_resized_crop:
+            drawn["crop"] = torch.from_numpy(boxes)
+        return drawn
+
+
+class Mapped:
+    """A .npy array read through a read-only memory map made for each access: indexing returns a copy of the rows
+    asked for, and the map goes with it. A map kept open would keep every page it ever touched in the process's
+    resident set (clean file pages, reclaimable, but counted), so one pass over a split would show the whole file
+    in the process's memory; this way a pass holds at most what one access read."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        mapped = read_array(self.path, mmap=True)
+        self.shape, self.dtype = mapped.shape, mapped.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.array(read_array(self.path, mmap=True)[index])
+
+
+class SplitPixels(Dataset):
+    """A prepared split's uint8 pixels, memory-mapped (`Mapped`); an item is a batch: {"rows", "pixels" (uint8
+    [B, H, W, C])}, plus the draws of each sample when `draws` is given."""
+
+    def __init__(self, path: Path, draws: Draws | None = None):
+        self.pixels, self.draws = Mapped(path), draws
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, request: Request) -> dict[str, torch.Tensor]:
+        epoch, rows = request
+        batch = {"rows": torch.from_numpy(rows), "pixels": torch.from_numpy(self.pixels[rows])}
+        if self.draws is not None:
+            batch.update(self.draws(epoch, rows, *self.pixels.shape[1:3]))
+        return batch
+
+
+class Batches(Sampler):
+    """The batches of one pass over a split of `size` rows, as (epoch, rows) requests.
+
+    Shuffled: the permutation seeded by (seed, epoch), cut into `count` global batches of batch_size x world_size
+    rows (a remainder is dropped), of which process `rank` takes its slice, from global batch `start` on (set
+    `epoch` and `start` before each pass). In order: every row, in batches of batch_size."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool = False, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, count: int | None = None):
+        self.size, self.batch_size, self.shuffle, self.seed, self.rank = size, batch_size, shuffle, seed, rank
+        self.global_batch = batch_size * world_size
+        self.count = count if count is not None else size // self.global_batch if shuffle else -(-size // batch_size)
+        self.epoch = self.start = 0
+
+    def __len__(self) -> int:
+        return self.count - self.start
+
+    def __iter__(self):
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        if not self.shuffle:
+            for batch in range(self.start, self.count):
+                yield self.epoch, np.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.size))
+            return
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        for batch in range(self.start, self.count):
+            yield self.epoch, order[batch * self.global_batch:(batch + 1) * self.global_batch][mine]
+
+
+def loader(dataset: SplitPixels, batches: Batches, workers: int, device: torch.device,
+           prefetch: int = 2) -> DataLoader:
+    """Batches read by `workers` processes (kept across epochs), `prefetch` each ahead, pinned for a CUDA copy.
+    Its own generator, so making an iterator leaves the global random state alone."""
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
+                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+
+def augment(images: torch.Tensor, flips: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sample of [N, C, H, W] images in [0, 1]: the crop box (top, left, height, width) resized back to H x W
+    (bicubic, as the MAE recipe; one affine grid per sample, so one batched resampling), then the flip."""
+    if boxes is None:
+        return torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.to(images.dtype).unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=images.dtype, device=images.device)
+    # output pixel centres (align_corners=False) onto the box's, in the input's [-1, 1] coordinates
+    theta[:, 0, 0] = w / width * (1 - 2 * flips.to(images.dtype))
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+
+
+def model_input(batch: dict[str, torch.Tensor], normalisation: Normalisation, device: torch.device) -> torch.Tensor:
+    """A loader batch as the model reads it, on `device`: uint8 -> [0, 1] -> augmented where the batch carries
+    draws -> normalised. The copy is asynchronous from pinned memory."""
+    images = unit(batch["pixels"].to(device, non_blocking=True))
+    if "flip" in batch:
+        crop = batch.get("crop")
+        images = augment(images, batch["flip"].to(device, non_blocking=True),
+                         None if crop is None else crop.to(device, non_blocking=True))
+    return normalisation.standardise(images)
