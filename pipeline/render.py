@@ -135,19 +135,20 @@ def representation_table(result: BiasResult) -> list[str]:
 
 
 def corruption_sentence(suite: Corruptions, check: Check) -> str:
-    """The corruption result with its interval, and which measurement decided it (shift.md, report.md)."""
+    """The corruption result with its interval, and which measurement decided it and why (shift.md, report.md)."""
     head = f"Corruptions ({suite.images} unseen images, six corruptions at five severities): "
-    decided = (f"{check.confidence:.0%} interval {fmt(check.interval, 3)} (paired bootstrap over images), against "
-               f"{check.threshold}: **{check.status}**")
+    interval = f"{check.confidence:.0%} interval {fmt(check.interval, 3)} (paired bootstrap over images)"
     reconstruction = f"mean reconstruction error {fmt(suite.relative_mce_reconstruction, 3)} times the clean error"
     if suite.decided_by == "reconstruction":
-        return head + f"{reconstruction}, {decided} (no labels, so no probe to judge)."
+        return (head + f"{reconstruction}, {interval}, against at most {check.threshold}: **{check.status}** (no "
+                "labels, so no probe to judge).")
     return (head + f"probe accuracy under corruption minus clean accuracy {fmt(check.value, 3)} (clean "
-            f"{fmt(suite.clean.probe_accuracy, 3)}; mean probe error {fmt(suite.relative_mce_probe, 3)} times the "
-            f"clean error), {decided}. Decided on the "
-            f"probe, as ImageNet-C decides on the classifier: the {reconstruction} is reported, not judged, because a "
-            "brightness or contrast change shows in every visible patch, so any raw-pixel reconstructor carries it "
-            "into the hidden pixels and that error grows with the corruption, not with the model's weakness.")
+            f"{fmt(suite.clean.probe_accuracy, 3)}), {interval}, against a drop of at most {check.threshold}: "
+            f"**{check.status}**; mean probe error {fmt(suite.relative_mce_probe, 3)} times the clean error. Decided "
+            f"on the probe, as ImageNet-C decides on the classifier: the {reconstruction} is reported, not judged, "
+            "because a brightness or contrast change shows in every visible patch, so any raw-pixel reconstructor "
+            "carries it into the hidden pixels and that error grows with the corruption, not with the model's "
+            "weakness.")
 
 
 # ---------------------------------------------------------------- matplotlib

@@ -5,8 +5,9 @@
   (pipeline.audit.stats); one-sided, since a domain the model serves better is no harm; and the worst domain.
 - Corruptions in the style of ImageNet-C, written for small images and any channel count: Gaussian
   noise, blur, contrast, brightness, JPEG and pixelation at 5 severities, deterministic from a seed;
-  degradation curves and a mean corruption error relative to clean images, decided like every other check on
-  a bootstrap interval (see `corruption_check`).
+  degradation curves of reconstruction error and probe accuracy, decided like every other check on a bootstrap
+  interval: on the probe's accuracy drop where the data has labels, else on the mean corruption error relative
+  to clean images (see `corruption_check`).
 - Embedding drift of each held-out domain (and, as the control, of unseen in-distribution images)
   against the training images: an MMD two-sample test with an RBF kernel and a permutation p-value
   (calibrated by construction: under the null every permutation is equally likely), and the AUC of a
