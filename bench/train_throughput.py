@@ -116,7 +116,8 @@ def loop(args) -> None:
         "epochs": args.epochs, "warmup_epochs": 0, "workers": args.workers, "bf16": args.bf16,
         "compile": args.compile, "threads": args.threads, "checkpoint_every": 1000, "checkpoint_every_steps": None,
         "augment": {"flip": True, "random_resized_crop": True},
-        **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {})})
+        **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}),
+        **({"log_every": args.log_every} if args.log_every is not None else {})})
     bf16, compiled = use_bf16(settings, device), use_compile(settings, device)
     peak = matmul_peak(args.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -124,6 +125,7 @@ def loop(args) -> None:
         machine += f", {torch.cuda.get_device_name()}"
     print(json.dumps({"machine": machine, "model": f"{args.preset}, {args.image_size}px, patch {args.patch_size}, "
                       f"batch {args.batch_size}, mask ratio {settings.mask_ratio}", "bf16": bf16, "compile": compiled, "workers": args.workers,
+                      "log_every": settings.log_every,
                       f"{'bf16' if bf16 else 'fp32'}_matmul_peak_tflops": round(peak / 1e12, 1)}), flush=True)
 
     # the model-only step: images and noise already on the device
@@ -198,6 +200,8 @@ def main() -> None:
                         help="--loop: DataLoader workers")
     parser.add_argument("--mask-ratio", type=float, default=None,
                         help="--loop: mask ratio (default: params.yaml's pretrain.mask_ratio)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="--loop: steps between loss reads (default: params.yaml's pretrain.log_every)")
     parser.add_argument("--compile", action="store_true", help="--loop: torch.compile the step")
     parser.add_argument("--scratch", default=None, help="--loop: folder for the split (default: the temp folder)")
     parser.add_argument("--full-encoder", action="store_true", help=argparse.SUPPRESS)
