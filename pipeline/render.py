@@ -144,7 +144,10 @@ def corruption_sentence(suite: Corruptions, check: Check) -> str:
                 "labels, so no probe to judge).")
     return (head + f"probe accuracy under corruption minus clean accuracy {fmt(check.value, 3)} (clean "
             f"{fmt(suite.clean.probe_accuracy, 3)}), {interval}, against a drop of at most {check.threshold}: "
-            f"**{check.status}**; mean probe error {fmt(suite.relative_mce_probe, 3)} times the clean error. Decided "
+            f"**{check.status}**; "
+            + (f"mean probe error {fmt(suite.relative_mce_probe, 3)} times the clean error"
+               if suite.relative_mce_probe is not None else "no clean probe error, so no error ratio")
+            + ". Decided "
             f"on the probe, as ImageNet-C decides on the classifier: the {reconstruction} is reported, not judged, "
             "because a brightness or contrast change shows in every visible patch, so any raw-pixel reconstructor "
             "carries it into the hidden pixels and that error grows with the corruption, not with the model's "

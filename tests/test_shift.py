@@ -197,6 +197,9 @@ def test_corruption_suite_pairs_each_images_correctness_and_without_labels_falls
     sentence = corruption_sentence(labelled, check)
     assert fmt(check.value, 3) in sentence and fmt(labelled.relative_mce_reconstruction, 3) in sentence
     assert "Decided on the probe" in sentence and "brightness or contrast" in sentence
+    # a probe fitted on these very images makes no clean error: the error ratio is undefined, not a huge number
+    assert labelled.clean.probe_accuracy == 1
+    assert labelled.relative_mce_probe is None and "no clean probe error" in sentence
 
     unlabelled, pairs = corruption_suite(model, images, None, None, normalisation, 0.5, "avg", settings)
     assert unlabelled.decided_by == "reconstruction" and unlabelled.relative_mce_probe is None

@@ -368,11 +368,10 @@ def corruption_suite(model, images: np.ndarray, labels: np.ndarray | None, probe
             corrupted_errors.append(errors)
             corrupted_correct.append(correct)
     # mean corruption error relative to clean images: 1 means no degradation (ImageNet-C's CE, with the
-    # clean model as the reference instead of AlexNet)
+    # clean model as the reference instead of AlexNet); undefined when the probe makes no clean error
     relative_probe = None
-    if probe is not None:
-        clean_error = max(1 - clean.probe_accuracy, 1e-6)
-        relative_probe = float(np.mean([[(1 - p.probe_accuracy) / clean_error for p in curve]
+    if probe is not None and clean.probe_accuracy < 1:
+        relative_probe = float(np.mean([[(1 - p.probe_accuracy) / (1 - clean.probe_accuracy) for p in curve]
                                         for curve in curves.values()]))
     suite = Corruptions(images=len(images), clean=clean, curves=curves,
                         relative_mce_reconstruction=float(np.mean([[p.recon_mse / clean.recon_mse for p in curve]
