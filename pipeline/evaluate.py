@@ -61,9 +61,10 @@ def raw_pixel_rows(count: int, settings: EvaluateSettings, offset: int) -> np.nd
     return np.sort(rng.permutation(count)[:settings.raw_pixels_images])
 
 
-def pooling(side: int, size: int) -> int:
-    """The averaging window that brings `side` pixels to at most `size`."""
-    return -(-side // size)
+def pooling(side: int, size: int) -> tuple[int, int]:
+    """The averaging window that brings `side` pixels to at most `size`, and the side it leaves (ceil mode)."""
+    window = -(-side // size)
+    return window, -(-side // window)
 
 
 def raw_pixels(pixels: Mapped, rows: np.ndarray, normalisation: Normalisation, size: int,
@@ -71,8 +72,8 @@ def raw_pixels(pixels: Mapped, rows: np.ndarray, normalisation: Normalisation, s
     """The normalised pixels of `rows` as features, area-averaged to at most `size` a side, read and reduced a
     batch at a time, so the baseline's memory does not grow with the image size."""
     channels, side = pixels.shape[3], pixels.shape[2]
-    factor = pooling(side, size)
-    features = np.empty((len(rows), channels * (-(-side // factor)) ** 2), dtype=np.float32)
+    factor, pooled = pooling(side, size)
+    features = np.empty((len(rows), channels * pooled ** 2), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
         images = normalisation.normalise(pixels[rows[start:start + batch_size]])
         if factor > 1:
@@ -262,7 +263,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": pool,
            "reconstruction": reconstruction, **scores,
            "raw_pixels": {"max_images": settings.raw_pixels_images,
-                          "size": -(-side // pooling(side, settings.raw_pixels_size)),
+                          "size": pooling(side, settings.raw_pixels_size)[1],
                           "images": {name: len(rows) for name, rows in sampled.items()}}}
     # rounded, so the DVC metrics do not change with the last bits of a float sum
     metrics = EvalMetrics.model_validate(json.loads(json.dumps(raw, default=float),
