@@ -15,7 +15,8 @@ With --loop: what the pipeline reaches of the model's rate. `--images` random ui
 device, crop and flip and normalisation there, fused AdamW, losses read every `log_every` steps) for `--epochs`
 epochs; its last epoch's images per second is set beside the model-only step measured in the same process with
 the same settings (bf16 autocast, torch.compile, fused AdamW, images already on the device). FLOP/s are reported as
-a share of the bf16 (or, without --bf16, fp32) matrix-multiply peak measured here.
+a share of the bf16 (or, without --bf16, fp32) matrix-multiply peak measured here. It also reports what the data
+path alone delivers (loader, copy to the device, augmentation; no model).
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ def loop(args) -> None:
         "epochs": args.epochs, "warmup_epochs": 0, "workers": args.workers, "bf16": args.bf16,
         "compile": args.compile, "threads": args.threads, "checkpoint_every": 1000, "checkpoint_every_steps": None,
         "augment": {"flip": True, "random_resized_crop": True},
-        **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {}),
-        **({"log_every": args.log_every} if args.log_every is not None else {})})
+        **({"mask_ratio": args.mask_ratio} if args.mask_ratio is not None else {})})
     bf16, compiled = use_bf16(settings, device), use_compile(settings, device)
     peak = matmul_peak(args.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -125,7 +125,6 @@ def loop(args) -> None:
         machine += f", {torch.cuda.get_device_name()}"
     print(json.dumps({"machine": machine, "model": f"{args.preset}, {args.image_size}px, patch {args.patch_size}, "
                       f"batch {args.batch_size}, mask ratio {settings.mask_ratio}", "bf16": bf16, "compile": compiled, "workers": args.workers,
-                      "log_every": settings.log_every,
                       f"{'bf16' if bf16 else 'fp32'}_matmul_peak_tflops": round(peak / 1e12, 1)}), flush=True)
 
     # the model-only step: images and noise already on the device
@@ -167,21 +166,46 @@ def loop(args) -> None:
         log_line = {"split": f"{args.images} images, {split.stat().st_size / 2**30:.2f} GiB, written in "
                              f"{time.perf_counter() - written:.0f} s"}
         print(json.dumps(log_line), flush=True)
-        torch.manual_seed(0)
-        model = build(args.preset, args.image_size, args.patch_size, 3).to(device)
         data = SplitPixels(split, Draws(settings.seed, args.patch_size, settings.augment))
         normalisation = Normalisation.fit(data.pixels)
-        started = time.perf_counter()
-        state = train(model, data, normalisation, settings, Path(folder) / "checkpoint.pt", "bench")
-        wall = time.perf_counter() - started
-    loop_rate = state.history[-1]["images_per_second"]
-    for name, rate in (("model-only step", model_rate), ("train loop (last epoch)", loop_rate)):
-        print(json.dumps({"measured": name, "images_per_second": round(rate, 1),
-                          "tflops": round(rate * flops_per_image / 1e12, 3),
-                          "share_of_peak": round(rate * flops_per_image / peak, 3)}), flush=True)
-    print(json.dumps({"loop_over_model": round(loop_rate / model_rate, 3), "gflop_per_image": round(
-        flops_per_image / 1e9, 2), "epochs": [round(h["images_per_second"], 1) for h in state.history],
-        "final_train_loss": round(state.history[-1]["train_loss"], 4), "loop_wall_seconds": round(wall, 1)}))
+        print(json.dumps({"measured": "data path alone (loader, copy, augmentation; no model)",
+                          "images_per_second": round(data_rate(data, normalisation, settings, device), 1)}),
+              flush=True)
+        report("model-only step", model_rate, flops_per_image, peak)
+        for log_every in args.log_every or [settings.log_every]:
+            torch.manual_seed(0)
+            model = build(args.preset, args.image_size, args.patch_size, 3).to(device)
+            run = settings.model_copy(update={"log_every": log_every})
+            started = time.perf_counter()
+            state = train(model, data, normalisation, run, Path(folder) / f"checkpoint-{log_every}.pt", "bench")
+            wall = time.perf_counter() - started
+            loop_rate = state.history[-1]["images_per_second"]
+            report(f"train loop (last epoch), log_every {log_every}", loop_rate, flops_per_image, peak)
+            print(json.dumps({"loop_over_model": round(loop_rate / model_rate, 3), "gflop_per_image": round(
+                flops_per_image / 1e9, 2), "epochs": [round(h["images_per_second"], 1) for h in state.history],
+                "final_train_loss": round(state.history[-1]["train_loss"], 4),
+                "loop_wall_seconds": round(wall, 1)}), flush=True)
+
+
+def report(name: str, rate: float, flops_per_image: float, peak: float) -> None:
+    print(json.dumps({"measured": name, "images_per_second": round(rate, 1),
+                      "tflops": round(rate * flops_per_image / 1e12, 3),
+                      "share_of_peak": round(rate * flops_per_image / peak, 3)}), flush=True)
+
+
+def data_rate(data, normalisation, settings, device: torch.device) -> float:
+    """Images per second through the training loop's data path alone, over one epoch, read as the loop reads it."""
+    from pipeline.data import Batches, Epochs, loader, model_input, on_device
+
+    batches = Batches(len(data), settings.batch_size, shuffle=True, seed=settings.seed)
+    prepared = on_device(loader(data, Epochs(batches, 0, 1), settings.workers, device, settings.prefetch),
+                         lambda batch: (model_input(batch, normalisation, device),
+                                        batch["noise"].to(device, non_blocking=True)), device)
+    started, seen = time.perf_counter(), 0
+    for images, _ in prepared:
+        seen += len(images)
+    sync(device.type)
+    return seen / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -200,8 +224,8 @@ def main() -> None:
                         help="--loop: DataLoader workers")
     parser.add_argument("--mask-ratio", type=float, default=None,
                         help="--loop: mask ratio (default: params.yaml's pretrain.mask_ratio)")
-    parser.add_argument("--log-every", type=int, default=None,
-                        help="--loop: steps between loss reads (default: params.yaml's pretrain.log_every)")
+    parser.add_argument("--log-every", type=int, nargs="+", default=None,
+                        help="--loop: steps between loss reads, one loop per value (default: params.yaml's)")
     parser.add_argument("--compile", action="store_true", help="--loop: torch.compile the step")
     parser.add_argument("--scratch", default=None, help="--loop: folder for the split (default: the temp folder)")
     parser.add_argument("--full-encoder", action="store_true", help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ trained on without reading them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,7 +148,24 @@ class Batches(Sampler):
             yield self.epoch, order[batch * self.global_batch:(batch + 1) * self.global_batch][mine]
 
 
-def loader(dataset: SplitPixels, batches: Batches, workers: int, device: torch.device,
+class Epochs(Sampler):
+    """The requests of `batches` for epochs `first` to `last` - 1, the first from micro-batch `start` on: one
+    loader iterator for a whole run, so its workers read the next epoch's first batches while this one ends (a new
+    iterator per epoch would leave the device idle while they start again)."""
+
+    def __init__(self, batches: Batches, first: int, last: int, start: int = 0):
+        self.batches, self.first, self.last, self.start = batches, first, last, start
+
+    def __len__(self) -> int:
+        return max(0, (self.last - self.first) * self.batches.count - self.start)
+
+    def __iter__(self):
+        for epoch in range(self.first, self.last):
+            self.batches.epoch, self.batches.start = epoch, self.start if epoch == self.first else 0
+            yield from self.batches
+
+
+def loader(dataset: SplitPixels, batches: Sampler, workers: int, device: torch.device,
            prefetch: int = 2) -> DataLoader:
     """Batches read by `workers` processes (kept across epochs), `prefetch` each ahead, pinned for a CUDA copy.
     Its own generator, so making an iterator leaves the global random state alone."""
@@ -182,3 +200,37 @@ def model_input(batch: dict[str, torch.Tensor], normalisation: Normalisation, de
         images = augment(images, batch["flip"].to(device, non_blocking=True),
                          None if crop is None else crop.to(device, non_blocking=True))
     return normalisation.standardise(images)
+
+
+def on_device(batches: Iterable[dict], prepare: Callable[[dict], tuple[torch.Tensor, ...]],
+              device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`prepare(batch)` for each loader batch. On CUDA the next batch is prepared on a side stream while the current
+    one trains, so its copy from pinned memory and its augmentation overlap the training step (as timm's
+    PrefetchLoader); each batch's tensors are handed over once its own preparation is done."""
+    if device.type != "cuda":
+        yield from map(prepare, batches)
+        return
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(main)  # whatever prepare reads that the main stream made (normalisation statistics)
+
+    def issue(batch: dict) -> tuple[tuple[torch.Tensor, ...], torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            prepared = prepare(batch)
+            done = torch.cuda.Event()
+            done.record(side)
+        return prepared, done
+
+    def hand_over(prepared: tuple[torch.Tensor, ...], done: torch.cuda.Event) -> tuple[torch.Tensor, ...]:
+        main.wait_event(done)
+        for tensor in prepared:
+            tensor.record_stream(main)  # made on the side stream: not reused there until the main stream is done
+        return prepared
+
+    ahead = None
+    for batch in batches:
+        issued = issue(batch)
+        if ahead is not None:
+            yield hand_over(*ahead)
+        ahead = issued
+    if ahead is not None:
+        yield hand_over(*ahead)

@@ -8,7 +8,7 @@ and errors are measured back in [0, 1] pixel space. The statistics come from one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ def unit(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
 class Normalisation:
     mean: np.ndarray  # per channel, in [0, 1] units
     std: np.ndarray
+    # the statistics as tensors per (device, dtype), made once: making one from the arrays is a copy to the device
+    # that waits for everything queued there, which would stall the device's queue on every batch
+    _tensors: dict = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def fit(cls, pixels, chunk_bytes: int = 2**26) -> Normalisation:
@@ -53,8 +56,13 @@ class Normalisation:
     def stats(self) -> NormalisationStats:
         return NormalisationStats(mean=self.mean.tolist(), std=self.std.tolist())
 
-    def _view(self, values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+    def _view(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """`mean`, `std` or `grey` (mid-grey normalised) as [1, C, 1, 1] on `like`'s device, in its dtype."""
+        key = (name, like.device, like.dtype)
+        if key not in self._tensors:
+            values = (0.5 - self.mean) / self.std if name == "grey" else getattr(self, name)
+            self._tensors[key] = torch.as_tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return self._tensors[key]
 
     def normalise(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 [N, H, W, C] -> normalised float [N, C, H, W], as the model reads it (on the pixels' device)."""
@@ -62,12 +70,12 @@ class Normalisation:
 
     def standardise(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] in [0, 1] units -> the model's input."""
-        return (images - self._view(self.mean, images)) / self._view(self.std, images)
+        return (images - self._view("mean", images)) / self._view("std", images)
 
     def denormalise(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised [N, C, H, W] back to pixel values in [0, 1] units (not clamped)."""
-        return images * self._view(self.std, images) + self._view(self.mean, images)
+        return images * self._view("std", images) + self._view("mean", images)
 
     def grey(self, like: torch.Tensor) -> torch.Tensor:
         """Mid-grey (0.5) in normalised space, [C, 1, 1]: what a masked patch is shown as."""
-        return self._view((0.5 - self.mean) / self.std, like)[0]
+        return self._view("grey", like)[0]

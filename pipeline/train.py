@@ -2,12 +2,13 @@
 
 AdamW (betas 0.9, 0.95; no weight decay on biases, norms, tokens and position embeddings; fused on CUDA), lr =
 base_lr x effective batch / 256, per-iteration linear warm-up then half-cycle cosine, gradient accumulation,
-bf16 autocast and torch.compile where they pay (CUDA). The data streams from the memory-mapped split through a
-DataLoader (pipeline.data). Every random choice (batch order; each sample's masking noise, crop and flip) comes
-from generators seeded by (seed, epoch) and (seed, epoch, sample), and checkpoints (at epoch ends and every
-`checkpoint_every_steps` steps) hold model, optimiser, step, position in the epoch and RNG states, so a run killed
-at any point and started again ends with the same weights as one that was never interrupted, whatever the number
-of loader workers.
+bf16 autocast and torch.compile where they pay (CUDA). The data streams from the memory-mapped split through one
+DataLoader iterator for the whole run, and on CUDA each next batch is copied and augmented on a side stream while
+the current one trains (pipeline.data); nothing waits for the device per step. Every random choice (batch order;
+each sample's masking noise, crop and flip) comes from generators seeded by (seed, epoch) and (seed, epoch,
+sample), and checkpoints (at epoch ends and every `checkpoint_every_steps` steps) hold model, optimiser, step,
+position in the epoch and RNG states, so a run killed at any point and started again ends with the same weights as
+one that was never interrupted, whatever the number of loader workers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import PipelineError
-from pipeline.data import Batches, SplitPixels, loader, model_input
+from pipeline.data import Batches, Epochs, SplitPixels, loader, model_input, on_device
 from pipeline.mae import MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 from pipeline.params import PretrainSettings
@@ -237,7 +238,10 @@ def train(model: MaskedAutoencoderViT, data: SplitPixels, normalisation: Normali
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(settings, device))
     batches = Batches(len(data), settings.batch_size, shuffle=True, seed=settings.seed, rank=world.rank,
                       world_size=world.size, count=micro_per_epoch)
-    loaded = loader(data, batches, settings.workers, device, settings.prefetch)
+    requests = Epochs(batches, state.epoch, settings.epochs, state.position)
+    loaded = on_device(loader(data, requests, settings.workers, device, settings.prefetch),
+                       lambda batch: (model_input(batch, normalisation, device),
+                                      batch["noise"].to(device, non_blocking=True)), device)
     pending: list[tuple[int, float, list[torch.Tensor]]] = []  # (step, lr, its micro-batch losses) not yet read
 
     def read(bar) -> None:
@@ -256,17 +260,16 @@ def train(model: MaskedAutoencoderViT, data: SplitPixels, normalisation: Normali
 
     for epoch in range(state.epoch, settings.epochs):
         model.train()
-        batches.epoch, batches.start = epoch, state.position
         started, seen, losses = time.perf_counter(), 0, []
         bar = tqdm(total=micro_per_epoch, initial=state.position, desc=f"epoch {epoch + 1}/{settings.epochs}",
                    unit="batch", disable=not world.main or None, leave=False)
-        for micro, batch in enumerate(loaded, start=state.position):
-            images = model_input(batch, normalisation, device)
+        for micro in range(state.position, micro_per_epoch):
+            images, noise = next(loaded)
             last_micro = (micro + 1) % settings.accum_steps == 0
             # gradients are all-reduced only on the micro-batch that ends an accumulation
             with ddp.no_sync() if world.size > 1 and not last_micro else nullcontext():
                 with autocast:
-                    loss, _, _ = forward(images, settings.mask_ratio, batch["noise"].to(device, non_blocking=True))
+                    loss, _, _ = forward(images, settings.mask_ratio, noise)
                 (loss / settings.accum_steps).backward()
             losses.append(loss.detach())
             seen += per_step

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline import PipelineError
-from pipeline.data import Batches, Draws, SplitPixels, augment, crop_box, loader, model_input
+from pipeline.data import Batches, Draws, Epochs, SplitPixels, augment, crop_box, loader, model_input, on_device
 from pipeline.evaluate import raw_pixel_rows, raw_pixels
 from pipeline.normalisation import Normalisation
 from pipeline.params import AugmentSettings, EvaluateSettings, load_params
@@ -84,6 +84,22 @@ def test_the_loader_yields_the_same_batches_at_0_and_2_workers_and_each_process_
     # a resumed pass skips the batches it had without reading them
     order.start = 5
     assert same(batches_of(data, order, 2), single[5:])
+
+
+def test_one_loader_over_a_resumed_run_yields_each_epochs_batches_in_turn(split):
+    data = SplitPixels(split, Draws(3, 4, CROP))
+    order = Batches(len(data), 8, shuffle=True, seed=3)
+    run = batches_of(data, Epochs(order, 1, 3, start=5), 2)  # from micro-batch 5 of epoch 1 to the end of epoch 2
+    expected = []
+    for epoch, start in ((1, 5), (2, 0)):
+        alone = Batches(len(data), 8, shuffle=True, seed=3)
+        alone.epoch, alone.start = epoch, start
+        expected += batches_of(data, alone, 0)
+    assert len(run) == len(Epochs(order, 1, 3, start=5)) == (70 // 8 - 5) + 70 // 8
+    assert same(run, expected)
+    # the batches as the loop reads them: prepared in order (on a CPU, with no side stream)
+    prepared = list(on_device(iter(run), lambda batch: (batch["rows"],), CPU))
+    assert all(torch.equal(rows, batch["rows"]) for (rows,), batch in zip(prepared, run, strict=True))
 
 
 def test_augmentation_is_reproducible_from_seed_epoch_and_row(split):
