@@ -74,7 +74,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from pipeline.pretrain import pretrain
 
-    pretrain(params_path=args.params)
+    pretrain(params_path=args.params, cards_dir=args.cards)
     return 0
 
 
@@ -215,13 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
           "image appears in two splits, and write data/prepared/<dataset>/<split>.parquet and .npy plus "
           "split_sizes.json.", _prepare, tracked=False)
     stage("pretrain", "pretrain the MAE and record it in MLflow (DVC stage pretrain)",
-          "Train a Masked Autoencoder on data/prepared/<pretrain.dataset>/train.npy with the settings under "
+          "Train a Masked Autoencoder on data/prepared/<dataset>/train.npy of each dataset pretrain.datasets lists "
+          "(each epoch drawn from them by weight; each card must allow training) with the settings under "
           "`pretrain:` in params.yaml. Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), "
           "metrics/pretrain.json and metrics/pretrain_loss.csv, and logs params, per-step metrics, lineage tags, "
           "datasets, figures and the encoder to one MLflow run ($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db). "
           "Resumes from models/checkpoints/ when it was written for the same params and data. Runs under torchrun "
-          "for multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.", _pretrain,
-          cards=False)
+          "for multi-process DDP: `torchrun --standalone --nproc_per_node N -m pipeline pretrain`.", _pretrain)
     stage("evaluate", "evaluate the pretrained model against baselines (DVC stage evaluate)",
           "Reconstruct every image of every split of the model's dataset on masks fixed by evaluate.seed "
           "(hidden-pixel MSE and PSNR, against a randomly initialised model of the same architecture and a "

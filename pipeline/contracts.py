@@ -203,6 +203,16 @@ class NormalisationStats(Contract):
     std: list[float]
 
 
+class TrainedOn(Contract):
+    """One dataset whose train split trained the model (pretrain.datasets), as it was when it did."""
+
+    name: str
+    weight: float
+    train_images: int  # rows of its train split
+    samples_per_epoch: int  # its share of each epoch's samples, from its weight
+    train_md5: str  # DVC's md5 of its train split's pixels
+
+
 class ModelConfig(Contract):
     """models/mae/config.json: how to rebuild the trained model and feed it."""
 
@@ -211,8 +221,8 @@ class ModelConfig(Contract):
     mask_ratio: float
     pool: str  # the feature the logged encoder returns (evaluate.pool)
     normalisation: NormalisationStats
-    dataset: str
-    train_md5: str
+    dataset: str  # the one evaluate and the audits judge: the first of `datasets`
+    datasets: list[TrainedOn]  # every dataset the model trained on, in the order pretrain.datasets lists them
     run_id: str | None
 
 
@@ -466,7 +476,8 @@ class ReleaseDecision(Contract):
 
 
 class ModelFacts(Contract):
-    dataset: str
+    dataset: str  # evaluated and audited
+    trained_on: list[TrainedOn] = []  # every dataset the model trained on (empty in a release written before)
     run_id: str
     experiment_id: str | None
     model_uri: str

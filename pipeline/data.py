@@ -2,21 +2,24 @@
 (augmented, normalised) per batch on the device.
 
 A split is never loaded whole. `SplitPixels` reads the uint8 [N, H, W, C] .npy through a read-only memory map
-(`Mapped`), and an item is a whole batch, read by its row indices (one fancy index into the map per batch, in the
-loader's worker processes). The rows of each batch come from `Batches`, a sampler run in the training process: for
-training, a permutation seeded by (seed, epoch) cut into global batches of which each DDP process takes its slice;
-for evaluation, every row in order.
+(`Mapped`; several splits, the train splits of every dataset the model trains on, read end to end as one), and an
+item is a whole batch, read by its row indices (one fancy index into each file's map per batch, in the loader's
+worker processes). The samples of each batch come from `Batches`, a sampler run in the training process: for
+training, a permutation of the epoch's samples seeded by (seed, epoch) cut into global batches of which each DDP
+process takes its slice; for evaluation, every row in order. A sample is a row, unless a `Mixture` draws the epoch
+from several splits by weight: then it says which row each sample is.
 Everything random about a training sample (its masking noise, crop box and flip) is drawn from a generator seeded
-by (seed, epoch, row) (`Draws`). So what an optimiser step sees depends neither on the number of loader workers, nor
-on the number of processes, nor on where a resumed run started, and a resumed run skips the batches it already
+by (seed, epoch, sample) (`Draws`). So what an optimiser step sees depends neither on the number of loader workers,
+nor on the number of processes, nor on where a resumed run started, and a resumed run skips the batches it already
 trained on without reading them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline import PipelineError
 from pipeline.artifacts import read_array
 from pipeline.normalisation import Normalisation, unit
 from pipeline.params import AugmentSettings
 
-Request = tuple[int, np.ndarray]  # (epoch, rows): what the sampler asks the dataset for
+Request = tuple[int, np.ndarray]  # (epoch, samples): what the sampler asks the dataset for (rows, unless a Mixture)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -59,20 +63,21 @@ def crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[flo
 
 @dataclass(frozen=True)
 class Draws:
-    """What training draws per sample, from a generator seeded by (seed, epoch, row): the masking noise, then the
-    crop box (when cropping), then the flip."""
+    """What training draws per sample, from a generator seeded by (seed, epoch, sample): the masking noise, then the
+    crop box (when cropping), then the flip. A sample is its place among the epoch's samples (its row, where the
+    epoch draws every row once), so a row a Mixture draws twice in an epoch is masked and augmented twice afresh."""
 
     seed: int
     patch_size: int
     augment: AugmentSettings
 
-    def __call__(self, epoch: int, rows: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
+    def __call__(self, epoch: int, samples: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
         patches = (height // self.patch_size) * (width // self.patch_size)
-        noise = np.empty((len(rows), patches), dtype=np.float32)
-        boxes = np.empty((len(rows), 4), dtype=np.int64)
-        flips = np.zeros(len(rows), dtype=bool)
-        for k, row in enumerate(rows):
-            rng = np.random.default_rng([self.seed, epoch, int(row)])
+        noise = np.empty((len(samples), patches), dtype=np.float32)
+        boxes = np.empty((len(samples), 4), dtype=np.int64)
+        flips = np.zeros(len(samples), dtype=bool)
+        for k, sample in enumerate(samples):
+            rng = np.random.default_rng([self.seed, epoch, int(sample)])
             noise[k] = rng.random(patches, dtype=np.float32)
             if self.augment.random_resized_crop:
                 boxes[k] = crop_box(rng, height, width, self.augment.scale, self.augment.ratio)
@@ -85,43 +90,123 @@ class Draws:
 
 
 class Mapped:
-    """A .npy array read through a read-only memory map made for each access: indexing returns a copy of the rows
-    asked for, and the map goes with it. A map kept open would keep every page it ever touched in the process's
-    resident set (clean file pages, reclaimable, but counted), so one pass over a split would show the whole file
-    in the process's memory; this way a pass holds at most what one access read."""
+    """A .npy array, or several read end to end as one (row len(first) is the second's first), through read-only
+    memory maps made for each access: indexing returns a copy of the rows asked for, read file by file, and the maps
+    go with it. A map kept open would keep every page it ever touched in the process's resident set (clean file
+    pages, reclaimable, but counted), so one pass over a split would show the whole file in the process's memory;
+    this way a pass holds at most what one access read."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        mapped = read_array(self.path, mmap=True)
-        self.shape, self.dtype = mapped.shape, mapped.dtype
+    def __init__(self, paths: Path | Sequence[Path]):
+        self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
+        shapes = []
+        for path in self.paths:
+            mapped = read_array(path, mmap=True)
+            if shapes and mapped.shape[1:] != shapes[0][1:]:
+                raise PipelineError(f"{path}: images of shape {mapped.shape[1:]}, not the {shapes[0][1:]} of "
+                                    f"{self.paths[0]}: the splits read together must hold images of one shape")
+            shapes.append(mapped.shape)
+            self.dtype = mapped.dtype
+        self.sizes = tuple(shape[0] for shape in shapes)
+        self.shape = (sum(self.sizes), *shapes[0][1:])
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        return np.array(read_array(self.path, mmap=True)[index])
+        if len(self.paths) == 1:
+            return np.array(read_array(self.paths[0], mmap=True)[index])
+        rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        scalar = rows.ndim == 0
+        rows = np.atleast_1d(np.where(rows < 0, rows + len(self), rows))
+        ends = np.cumsum(self.sizes)
+        which = np.searchsorted(ends, rows, side="right")
+        taken = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for k in np.unique(which):
+            mine = which == k
+            taken[mine] = read_array(self.paths[k], mmap=True)[rows[mine] - (ends[k] - self.sizes[k])]
+        return taken[0] if scalar else taken
+
+
+def largest_remainder(total: int, weights: Sequence[float]) -> tuple[int, ...]:
+    """`total` split in proportion to `weights` (exactly, in fractions): each part its quota rounded down, the parts
+    left over going to the largest remainders (the first on a tie)."""
+    exact = [Fraction(weight) for weight in weights]
+    quotas = [total * weight / sum(exact) for weight in exact]
+    parts = [math.floor(quota) for quota in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda k: (parts[k] - quotas[k], k))
+    for k in by_remainder[:total - sum(parts)]:
+        parts[k] += 1
+    return tuple(parts)
+
+
+class Mixture:
+    """Which row each sample of an epoch is, when the epoch draws from several splits read end to end by weight.
+
+    An epoch has as many samples as the splits hold rows together; split k's share of them follows its weight
+    (`largest_remainder`). Its rows: every one of them once per whole time its share holds its size, then the first
+    of its own permutation seeded by (seed, epoch, k) for the rest. Samples are numbered split after split;
+    `Batches` shuffles them all together by (seed, epoch). Where every share equals its split's size (one split, or
+    weights in proportion to the sizes) sample s is row s, as in a single split's epoch, so the batches are the same
+    as without a mixture."""
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int):
+        self.sizes, self.seed = tuple(sizes), seed
+        self.shares = largest_remainder(sum(self.sizes), weights)
+        empty = next((k for k, (size, share) in enumerate(zip(self.sizes, self.shares)) if share and not size), None)
+        if empty is not None:
+            raise ValueError(f"split {empty} is empty, yet its weight gives it {self.shares[empty]} samples")
+        self._epoch: tuple[int, np.ndarray] | None = None  # the last epoch's rows (each loader worker its own)
+
+    @property
+    def whole(self) -> bool:
+        """Every row drawn once per epoch."""
+        return self.shares == self.sizes
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Row of every sample of `epoch`, in sample order."""
+        parts, offset = [], 0
+        for k, (size, share) in enumerate(zip(self.sizes, self.shares)):
+            cycles, rest = divmod(share, size) if size else (0, 0)
+            rest_rows = np.random.default_rng([self.seed, epoch, k]).permutation(size)[:rest]
+            parts += [offset + np.arange(size)] * cycles + [offset + rest_rows]
+            offset += size
+        return np.concatenate(parts)
+
+    def rows(self, epoch: int, samples: np.ndarray) -> np.ndarray:
+        """The rows these samples of `epoch` are."""
+        if self.whole:
+            return samples
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.epoch_rows(epoch))
+        return self._epoch[1][samples]
 
 
 class SplitPixels(Dataset):
-    """A prepared split's uint8 pixels, memory-mapped (`Mapped`); an item is a batch: {"rows", "pixels" (uint8
-    [B, H, W, C])}, plus the draws of each sample when `draws` is given."""
+    """Prepared splits' uint8 pixels, memory-mapped (`Mapped`: one split, or several end to end); an item is a batch:
+    {"rows", "pixels" (uint8 [B, H, W, C])}, plus the draws of each sample when `draws` is given. With `weights`
+    (training, one per split) an epoch's samples are a `Mixture` seeded by the draws' seed; without, sample s is
+    row s."""
 
-    def __init__(self, path: Path, draws: Draws | None = None):
+    def __init__(self, path: Path | Sequence[Path], draws: Draws | None = None,
+                 weights: Sequence[float] | None = None):
         self.pixels, self.draws = Mapped(path), draws
+        self.mixture = None if weights is None else Mixture(self.pixels.sizes, weights, draws.seed)
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def __getitem__(self, request: Request) -> dict[str, torch.Tensor]:
-        epoch, rows = request
+        epoch, samples = request
+        rows = samples if self.mixture is None else self.mixture.rows(epoch, samples)
         batch = {"rows": torch.from_numpy(rows), "pixels": torch.from_numpy(self.pixels[rows])}
         if self.draws is not None:
-            batch.update(self.draws(epoch, rows, *self.pixels.shape[1:3]))
+            batch.update(self.draws(epoch, samples, *self.pixels.shape[1:3]))
         return batch
 
 
 class Batches(Sampler):
-    """The batches of one pass over a split of `size` rows, as (epoch, rows) requests.
+    """The batches of one pass over a split of `size` rows (or an epoch of `size` samples), as (epoch, rows)
+    requests.
 
     Shuffled: the permutation seeded by (seed, epoch), cut into `count` global batches of batch_size x world_size
     rows (a remainder is dropped), of which process `rank` takes its slice, from global batch `start` on (set

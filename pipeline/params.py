@@ -179,8 +179,18 @@ class AugmentSettings(_Strict):
 Auto = Literal["auto"]
 
 
+class TrainingDataset(_Strict):
+    """One dataset whose prepared train split trains the model, and its weight in each epoch's draws."""
+
+    name: str
+    weight: float = Field(default=1.0, gt=0, description="share of each epoch's draws, relative to the others' "
+                                                          "weights")
+
+
 class PretrainSettings(_Strict):
-    dataset: str = Field(description="the dataset whose prepared train split trains the model")
+    datasets: list[TrainingDataset] = Field(min_length=1, description="the datasets that train the model (same "
+                                            "image size and channels); the first is the one evaluate and the "
+                                            "audits judge")
     preset: str = "micro"
     patch_size: int = Field(gt=0)
     mask_ratio: float = Field(gt=0, lt=1)
@@ -214,7 +224,19 @@ class PretrainSettings(_Strict):
     def _moved_keys(cls, data):
         if isinstance(data, dict) and "flip" in data:
             raise ValueError("`flip` has moved to `augment.flip`")
+        if isinstance(data, dict) and "dataset" in data:
+            raise ValueError(f"`dataset` has moved to `datasets` (a list): datasets: [{{name: {data['dataset']}, "
+                             "weight: 1}]")
         return data
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, value: list[TrainingDataset]) -> list[TrainingDataset]:
+        names = [entry.name for entry in value]
+        twice = next((name for k, name in enumerate(names) if name in names[:k]), None)
+        if twice is not None:
+            raise ValueError(f"{twice} is listed more than once")
+        return value
 
     @field_validator("preset")
     @classmethod
@@ -387,6 +409,24 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise PipelineError(f"{path}: {first_error(exc)}") from None
+
+
+def training_datasets(params: Params, path: Path = DEFAULT_PARAMS) -> list[DatasetSettings]:
+    """The settings of every dataset `pretrain.datasets` lists: each one under `datasets`, all with the image size
+    and channels of the first, since one model reads them all."""
+    found = []
+    for k, entry in enumerate(params.pretrain.datasets):
+        if entry.name not in params.datasets:
+            known = ", ".join(params.datasets) or "none"
+            raise PipelineError(f"{path}: pretrain.datasets.{k}.name: {entry.name} is not under datasets "
+                                f"(known: {known})")
+        found.append(params.datasets[entry.name])
+        first, this = found[0], found[-1]
+        if (this.image_size, this.channels) != (first.image_size, first.channels):
+            raise PipelineError(
+                f"{path}: pretrain.datasets.{k}: {entry.name} has {this.image_size} px x {this.channels} channel "
+                f"images, {params.pretrain.datasets[0].name} has {first.image_size} px x {first.channels}")
+    return found
 
 
 def dataset_settings(params: Params, dataset: str, path: Path = DEFAULT_PARAMS):

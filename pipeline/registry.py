@@ -1,9 +1,9 @@
 """The model registry side of governance: versions of the registered encoder with their evidence, the
 release gate a CI/CD job calls, and tracing a consent withdrawal to every version it touches.
 
-Each version's run carries governance/training_records.csv (record id, pixel sha256, source-file sha256 of
-every training record), so a later withdrawal can be matched by any of the three ids the withdrawals file
-accepts.
+Each version's run carries governance/training_records.csv (record id, pixel sha256, source-file sha256 and
+dataset of every training record of every dataset the model trained on), so a later withdrawal can be matched by
+any of the three ids the withdrawals file accepts, whichever dataset it is in.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _client():
     return connect().MlflowClient()
 
 
-def lineage_of_run(run: RunRecord, train_path: Path, root: Path) -> dict:
-    """The run's git state (commit, dirty flag, changed paths) and data hashes, after checking that the training
+def lineage_of_run(run: RunRecord, train_paths: list[Path], root: Path) -> dict:
+    """The run's git state (commit, dirty flag, changed paths) and data hashes, after checking that each training
     manifest on disk is the one the run trained on (so the record ids logged with the model are the right ones)."""
     from mlflow.exceptions import MlflowException
 
@@ -42,10 +42,11 @@ def lineage_of_run(run: RunRecord, train_path: Path, root: Path) -> dict:
         tags = _client().get_run(run.run_id).data.tags
     except MlflowException as exc:
         raise mlflow_error(f"run {run.run_id} of models/mae/run.json is not there", exc) from None
-    key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
-    if key in tags and tags[key] != md5(train_path):
-        raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
-                            "trained on; run `dvc repro` so model and data agree")
+    for train_path in train_paths:
+        key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
+        if key in tags and tags[key] != md5(train_path):
+            raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
+                                "trained on; run `dvc repro` so model and data agree")
     hashes = {k.removeprefix("dvc.md5."): v for k, v in sorted(tags.items()) if k.startswith("dvc.md5.")}
     hashes.update({k: v for k, v in sorted(tags.items()) if k.startswith("data.") and k.endswith("sha256")})
     return {"git.commit": tags.get("git.commit", "unknown"), "git.dirty": tags.get("git.dirty", "unknown"),
@@ -182,11 +183,13 @@ def release_gate(release_file: Path, run_file: Path) -> tuple[bool, list[str]]:
 # ---------------------------------------------------------------- consent withdrawal
 
 def affected(records: pd.DataFrame, withdrawn: frozenset[str]) -> list[str]:
-    """The ids of `records` (any id column) that the withdrawals list."""
+    """The records (any id column) that the withdrawals list, as `<dataset>/<record id>` where the records name their
+    dataset (a model trained on several), else as record ids."""
+    named = records["dataset"] + "/" + records["record_id"] if "dataset" in records else records["record_id"]
     hits = set()
     for column in ID_COLUMNS:
         if column in records:
-            hits.update(records.loc[records[column].isin(withdrawn), "record_id"])
+            hits.update(named[records[column].isin(withdrawn)])
     return sorted(hits)
 
 

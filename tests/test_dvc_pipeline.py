@@ -107,11 +107,13 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     edit_params(repo, lambda p: p["validation"].update(min_group_count=49))
     assert ran(dvc(repo, "repro")) == {"validate"}
 
-    # a change to one source's code re-ingests that dataset alone; the digits do not train the model,
-    # so their splits change and the model is not retrained
+    # a change to one source's code re-ingests that dataset alone. The digits do not train the model, yet pretrain
+    # depends on data/prepared as a whole (DVC cannot list each dataset pretrain.datasets names), so it is out of
+    # date too: the deliberate price of training on several datasets (docs/architecture.md, Pretraining)
     with (repo / "pipeline" / "sources" / "sklearn_digits.py").open("a") as handle:
         handle.write("\n# a change to the digits source\n")
-    assert ran(dvc(repo, "repro")) == {"ingest@sklearn_digits", "validate", "prepare", "report"}
+    assert ran(dvc(repo, "repro", "prepare")) == {"ingest@sklearn_digits", "validate", "prepare"}
+    assert {"pretrain", "report"} <= set(json.loads(dvc(repo, "status", "--json").stdout))
 
     # a withdrawal: consent-check names the registered version trained on the record; the next repro
     # quarantines it, so the training split changes and the model is retrained (DVC's status says so

@@ -107,7 +107,7 @@ def test_one_channel_dataset_without_labels_skips_probe_and_knn_and_says_why(tmp
     space = Workspace(tmp_path, env=mlflow_env(tmp_path))
     params = small_params()
     params["datasets"] = {"sklearn_digits": params["datasets"]["sklearn_digits"]}
-    params["pretrain"].update(dataset="sklearn_digits", epochs=1)
+    params["pretrain"].update(datasets=[{"name": "sklearn_digits", "weight": 1}], epochs=1)
     space.write_params(params)
     space.run_ok(("ingest", "sklearn_digits"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
     metrics = EvalMetrics.model_validate_json((tmp_path / "metrics" / "eval.json").read_text())

@@ -28,6 +28,7 @@ def node(evaluated: Workspace, root: Path, batch_size: int) -> Workspace:
     (root / "data").mkdir(parents=True)
     for name in ("prepared", "ingested"):
         (root / "data" / name).symlink_to(evaluated.root / "data" / name)
+    (root / "data_cards").symlink_to(evaluated.root / "data_cards")  # pretrain checks each card allows training
     params = yaml.safe_load((evaluated.root / "params.yaml").read_text())
     params["pretrain"].update(TRAINING, batch_size=batch_size)
     space.write_params(params)

@@ -122,6 +122,7 @@ def training_space(prepared: Path, tmp_path: Path, **changes) -> Workspace:
     (space.root / "data").mkdir(parents=True)
     for name in ("prepared", "ingested"):
         (space.root / "data" / name).symlink_to(prepared / "data" / name)
+    (space.root / "data_cards").symlink_to(prepared / "data_cards")  # pretrain checks each card allows training
     params = small_params(400)
     params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
     params["pretrain"].update(TINY_TRAINING, **changes)

@@ -297,7 +297,7 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
     assert lines == [f"mae-encoder version {first_version} (run {first['run_id']}): trained on 1 withdrawn records: "
-                     f"{only_first['record_id']}"], result.stdout
+                     f"synthetic/{only_first['record_id']}"], result.stdout
     assert client.get_model_version("mae-encoder", first_version).tags["consent.status"] == "withdrawn_records"
     assert "consent.status" not in client.get_model_version("mae-encoder", second_version).tags
 

@@ -56,7 +56,7 @@ def test_ingest_of_the_issues_digits_card_stops_at_the_card_check_naming_the_fie
     card_file.write_text(yaml.safe_dump(card))
     params = small_params()
     params["datasets"] = {"sklearn_digits": params["datasets"]["sklearn_digits"]}
-    params["pretrain"]["dataset"] = "sklearn_digits"
+    params["pretrain"]["datasets"] = [{"name": "sklearn_digits", "weight": 1}]
     workspace.write_params(params)
     result = workspace.run("ingest", "sklearn_digits")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr

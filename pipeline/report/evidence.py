@@ -32,7 +32,7 @@ class Evidence:
     datasets: dict[str, DatasetEvidence]
     policy: Policy
     withdrawals: int  # entries in the withdrawals file
-    training_records: int
+    training_records: dict[str, int]  # per dataset the model trained on: its records in training_records.csv
     validation: ValidationSummary
     validation_failures: list[str]
     pretrain: PretrainMetrics
@@ -46,7 +46,13 @@ class Evidence:
 
     @property
     def trained_card(self) -> DataCard:
+        """The card of the dataset evaluated and audited."""
         return self.datasets[self.model.dataset].card
+
+    @property
+    def not_audited(self) -> list[str]:
+        """Datasets the model trained on whose unseen images no evaluation or audit judged."""
+        return [name for name in self.training_records if name != self.model.dataset]
 
     def checks(self, area: str):
         return [c for c in self.release.checks if c.area == area]

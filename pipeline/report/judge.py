@@ -45,7 +45,7 @@ def _text(value: object) -> str | None:
 
 def consent_checks(dataset: str, card: DataCard, params: Params, counts: Counts, training: pd.DataFrame,
                    withdrawn: frozenset[str]) -> list[Check]:
-    """For the dataset that trained the model: every record accounted for, every training record still
+    """For one dataset that trained the model: every record accounted for, every one of its training records still
     allowed under today's policy and withdrawals file, and whether consent is documented at all."""
     refused: dict[str, int] = {}
     for row in training.itertuples(index=False):
@@ -68,15 +68,19 @@ def consent_checks(dataset: str, card: DataCard, params: Params, counts: Counts,
     ]
 
 
-def judge(params: Params, dataset: str, card: DataCard, counts: Counts, validation: ValidationSummary,
-          training: pd.DataFrame, samples: pd.DataFrame, bias: BiasResult, shift: ShiftResult,
-          withdrawn: frozenset[str], approved: Approved | None, run_id: str
+def judge(params: Params, dataset: str, cards: dict[str, DataCard], counts: dict[str, Counts],
+          validation: ValidationSummary, training: pd.DataFrame, samples: pd.DataFrame, bias: BiasResult,
+          shift: ShiftResult, withdrawn: frozenset[str], approved: Approved | None, run_id: str
           ) -> tuple[list[Check], dict[str, MemorizationRow]]:
     """Every check of the release, in the order the report shows them, and the memorization table; the last are
-    the candidate against the approved model (`approved`, None when no version is approved)."""
-    attributes = [a.name for a in card.sensitive_attributes]
+    the candidate against the approved model (`approved`, None when no version is approved). `dataset` is the one
+    evaluated and audited; consent is judged for every dataset in `counts` (each one the model trained on), on its
+    rows of `training`."""
+    attributes = [a.name for a in cards[dataset].sensitive_attributes]
     memorized, table = memorization(samples, attributes, params.report, params.audit_bias.min_group_size)
-    checks = [validation_check(validation)] + consent_checks(dataset, card, params, counts, training, withdrawn)
+    checks = [validation_check(validation)]
+    for name, read in counts.items():
+        checks += consent_checks(name, cards[name], params, read, training[training["dataset"] == name], withdrawn)
     checks += bias.checks + shift.checks + memorized
     return checks + regression_checks(samples, checks, attributes, approved, run_id, params.report), table
 

@@ -32,7 +32,7 @@ def report_markdown(evidence: Evidence) -> str:
     """The whole report."""
     release, model = evidence.release, evidence.model
     checks = release.checks
-    lines = [f"# Governance report: MAE encoder on {text(model.dataset)}", "",
+    lines = [f"# Governance report: MAE encoder on {' + '.join(map(text, evidence.training_records))}", "",
              f"## Release decision: {release.decision.upper()}", ""]
     if release.blocked_by:
         lines += [f"Blocked by these checks (status in {', '.join(release.policy.block_on)}):", ""]
@@ -49,7 +49,8 @@ def report_markdown(evidence: Evidence) -> str:
               f"`{model.run_id}`, git commit `{model.git_commit}`" + (
                   f" (uncommitted changes: {text(model.git_changed_paths or 'paths not recorded')})"
                   if model.git_dirty == "true" else "")
-              + ".", "", "Every number below is a measurement on this model and this data. Disparities are signed "
+              + ".", "", audited_sentence(evidence), "",
+              "Every number below is a measurement on this model and this data. Disparities are signed "
               "differences against a named reference (a group, in-distribution images, training images), with "
               "bootstrap intervals at the confidence shown, adjusted (Bonferroni) where several groups are compared. "
               "A group check passes only when its whole interval lies within plus or minus the threshold "
@@ -63,6 +64,18 @@ def report_markdown(evidence: Evidence) -> str:
                     uses_section):
         lines += section(evidence)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def audited_sentence(evidence: Evidence) -> str:
+    """Which trained-on data the evaluation and audits cover, and which they do not, so a gap is seen, not missed."""
+    audited = text(evidence.model.dataset)
+    sentence = (f"Trained on {', '.join(map(text, evidence.training_records))}. Evaluation, bias, shift and "
+                f"memorization judge {audited} alone (its val, test and held-out splits)")
+    if not evidence.not_audited:
+        return sentence + "."
+    return (sentence + f". **Trained on but not audited: {', '.join(map(text, evidence.not_audited))}**: no "
+            "evaluation, bias, shift or memorization check below covers their images; consent is checked for "
+            "every dataset.")
 
 
 def provenance_section(evidence: Evidence) -> list[str]:
@@ -114,9 +127,14 @@ def consent_section(evidence: Evidence) -> list[str]:
     else:
         lines += ["Every dataset documents its subjects' consent.", ""]
     lines += [f"Withdrawals file `{evidence.policy.withdrawals_file}`: {evidence.withdrawals} entries. "
-              f"The model was trained on {evidence.training_records} records of {evidence.model.dataset}; "
-              "their ids are logged with the model (`governance/training_records.csv`) so that "
-              "`python -m pipeline consent-check` finds every model version a later withdrawal touches.", ""]
+              "The model was trained on the records below; their ids are logged with the model "
+              "(`governance/training_records.csv`, with each record's dataset) so that `python -m pipeline "
+              "consent-check` finds every model version a later withdrawal touches, in any of these datasets.", ""]
+    lines += table(["trained on", "training records", "licence", "consent basis", "training permission"],
+                   [[text(name), count, text(evidence.datasets[name].card.license.spdx),
+                     evidence.datasets[name].card.consent.basis,
+                     evidence.datasets[name].card.consent.training_permission]
+                    for name, count in evidence.training_records.items()])
     return lines
 
 
@@ -143,7 +161,11 @@ def training_section(evidence: Evidence) -> list[str]:
                          f"{arch['decoder_embed_dim']}, mask ratio {model.mask_ratio}"],
         ["feature", f"{POOL_NAMES[model.pool]} (`{model.pool}`): what the logged encoder returns, and what the probe, "
                     "kNN, drift and corruption checks judged"],
-        ["trained on", f"{text(model.dataset)}: {evidence.training_records} training images"],
+        ["trained on", "; ".join(f"{text(d.name)}: {d.train_images} training images, weight {d.weight:g}, "
+                                 f"{d.samples_per_epoch} samples per epoch" for d in model.trained_on)],
+        ["evaluated and audited", f"{text(model.dataset)}"
+                                  + (f" (trained on but not audited: {', '.join(map(text, evidence.not_audited))})"
+                                     if evidence.not_audited else "")],
         ["epochs / steps", f"{metrics.epochs} / {metrics.steps}"],
         ["validation masked-patch loss", f"{metrics.val_masked_loss:.4f} against {metrics.val_patch_mean_baseline:.4f} "
                                          "for predicting each patch's mean"],

@@ -12,9 +12,12 @@ def model_card(evidence: Evidence) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     model, release = evidence.model, evidence.release
-    trained = evidence.trained_card
-    data = ModelCardData(license=trained.license.spdx.lower(), library_name="pytorch",
-                         pipeline_tag="image-feature-extraction", datasets=[model.dataset],
+    trained = evidence.trained_card  # the evaluated and audited dataset's card
+    cards = {name: evidence.datasets[name].card for name in evidence.training_records}
+    licences = {card.license.spdx for card in cards.values()}
+    names = ", ".join(map(text, cards))
+    data = ModelCardData(license=licences.pop().lower() if len(licences) == 1 else "other", library_name="pytorch",
+                         pipeline_tag="image-feature-extraction", datasets=list(cards),
                          tags=["masked-autoencoder", "vit", "governance-audited", f"release-{release.decision}"],
                          model_name=model.registered_model)
     lines = [f"# {model.registered_model} (version {model.version})", "",
@@ -22,7 +25,7 @@ def model_card(evidence: Evidence) -> str:
              "(`report.html`, `report.md`) and `release.json` are logged beside this model.", "",
              "## Model details", "",
              f"A Masked Autoencoder (He et al., 2021) ViT encoder, preset `{model.preset}`, pretrained on "
-             f"{text(model.dataset)} by hiding {model.mask_ratio:.0%} of each image's patches and reconstructing "
+             f"{names} by hiding {model.mask_ratio:.0%} of each image's patches and reconstructing "
              f"them. The encoder returns {POOL_NAMES[model.pool]} (`{model.pool}`) per image, the feature every "
              f"audit below judged. MLflow run `{model.run_id}`, git commit `{model.git_commit}`, logged model "
              f"`{model.model_uri}`.",
@@ -38,11 +41,14 @@ def model_card(evidence: Evidence) -> str:
               "features; per-group gaps with bootstrap intervals (fairlearn MetricFrame); held-out domain error "
               "increase, corruption error, MMD drift test; train against unseen error for memorization.", "",
               "## Evaluation data", "",
-              f"The val, test and held-out-domain splits of {text(model.dataset)}, never used for training.", "",
-              "## Training data", "",
-              f"{evidence.training_records} training records of {text(model.dataset)} (licence "
-              f"{text(trained.license.spdx)}, consent basis {trained.consent.basis}); record ids in "
-              "`governance/training_records.csv` on the MLflow run.", "", "## Quantitative analyses", ""]
+              f"The val, test and held-out-domain splits of {text(model.dataset)}, never used for training."
+              + (f" Trained on but not evaluated or audited: {', '.join(map(text, evidence.not_audited))}; no "
+                 "analysis below covers their images." if evidence.not_audited else ""), "",
+              "## Training data", ""]
+    lines += [f"- {count} training records of {text(name)} (licence {text(cards[name].license.spdx)}, consent basis "
+              f"{cards[name].consent.basis})" for name, count in evidence.training_records.items()]
+    lines += ["", "Record ids, with their dataset, in `governance/training_records.csv` on the MLflow run.", "",
+              "## Quantitative analyses", ""]
     for area in ("bias", "shift", "memorization"):
         lines += [f"### {area}", ""] + checks_table(evidence.checks(area)) + evidence_table(evidence.checks(area))
     lines += ["Intersectional groups are included in the bias checks above (ids with `x`).", "",

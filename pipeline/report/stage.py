@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import PipelineError
 from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, write_json
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import (
@@ -60,7 +61,7 @@ class Gathered:
     run: RunRecord
     cards: dict[str, DataCard]
     provenances: dict[str, Provenance]
-    training: pd.DataFrame  # the trained dataset's train split
+    training: pd.DataFrame  # the train splits of every dataset the model trained on, one after another
     samples: pd.DataFrame
     validation: ValidationSummary
     pretrain: PretrainMetrics
@@ -70,7 +71,12 @@ class Gathered:
 
     @property
     def dataset(self) -> str:
+        """The dataset evaluate and the audits judged."""
         return self.config.dataset
+
+    @property
+    def trained(self) -> list[str]:
+        return [entry.name for entry in self.config.datasets]
 
 
 def gather(params: Params, cards_dir: Path, layout: Layout) -> Gathered:
@@ -79,7 +85,9 @@ def gather(params: Params, cards_dir: Path, layout: Layout) -> Gathered:
         config=config, run=layout.run(),
         cards={name: load_card(card_path(name, cards_dir)) for name in params.datasets},
         provenances={name: layout.provenance(name) for name in params.datasets},
-        training=read_table(layout.split_records(config.dataset, "train")), samples=layout.samples(),
+        training=pd.concat([read_table(layout.split_records(entry.name, "train")) for entry in config.datasets],
+                           ignore_index=True),
+        samples=layout.samples(),
         validation=layout.validation_summary(), pretrain=layout.pretrain_metrics(), evaluation=layout.eval_metrics(),
         bias=layout.bias_result(), shift=layout.shift_result())
 
@@ -126,17 +134,21 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
     settings = params.report
     gathered = gather(params, cards_dir, layout)
     dataset, run, config = gathered.dataset, gathered.run, gathered.config
+    missing = [name for name in gathered.trained if name not in gathered.cards]
+    if missing:
+        raise PipelineError(f"{layout.config_file}: trained on {missing[0]}, which is not under datasets in "
+                            f"{params_path}; a report needs the card and provenance of every dataset the model saw")
     withdrawn = load_withdrawals(layout.path(params.policy.withdrawals_file))
     approved = approved_version(settings.registered_model)  # before log_report may move the alias
-    checks, memorization = judge(params, dataset, gathered.cards[dataset], gathered.provenances[dataset].counts,
-                                 gathered.validation, gathered.training, gathered.samples, gathered.bias,
-                                 gathered.shift, withdrawn, approved, run.run_id)
+    counts = {name: gathered.provenances[name].counts for name in gathered.trained}
+    checks, memorization = judge(params, dataset, gathered.cards, counts, gathered.validation, gathered.training,
+                                 gathered.samples, gathered.bias, gathered.shift, withdrawn, approved, run.run_id)
     decision = decide_release(checks, settings)
-    lineage = lineage_of_run(run, layout.split_records(dataset, "train"), layout.root)
-    training = gathered.training[["record_id", "sha256", "source_sha256"]]
+    lineage = lineage_of_run(run, [layout.split_records(name, "train") for name in gathered.trained], layout.root)
+    training = gathered.training[["record_id", "sha256", "source_sha256", "dataset"]]
     training.to_csv(out / "training_records.csv", index=False)
     version = register_version(settings.registered_model, run, decision.decision)
-    model = ModelFacts(dataset=dataset, run_id=run.run_id, experiment_id=run.experiment_id,
+    model = ModelFacts(dataset=dataset, trained_on=config.datasets, run_id=run.run_id, experiment_id=run.experiment_id,
                        model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
                        git_commit=lineage["git.commit"], git_dirty=lineage["git.dirty"],
                        git_changed_paths=lineage["git.changed_paths"], preset=config.preset,
@@ -144,7 +156,8 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
     evidence = Evidence(
         model=model, release=decision,
         datasets={n: DatasetEvidence(gathered.cards[n], gathered.provenances[n].counts) for n in gathered.cards},
-        policy=params.policy, withdrawals=len(withdrawn), training_records=len(training),
+        policy=params.policy, withdrawals=len(withdrawn),
+        training_records={name: int((training["dataset"] == name).sum()) for name in gathered.trained},
         validation=gathered.validation,
         validation_failures=failure_lines(gathered.validation, "critical")
         + failure_lines(gathered.validation, "warning"),
@@ -155,7 +168,7 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
     figures = [name for found in evidence.figures.values() for name, _ in found]
-    (out / "report.html").write_text(report_html(markdown, out, f"Governance report: {dataset}",
+    (out / "report.html").write_text(report_html(markdown, out, f"Governance report: {' + '.join(gathered.trained)}",
                                                  settings.figure_width, figures))
     (out / "model_card.md").write_text(model_card(evidence))
     (out / "croissant").mkdir()
