@@ -124,7 +124,9 @@ def representation_metrics(splits: dict[str, Split], features: dict[str, dict[st
         labels = {name: split.records["label"].to_numpy()[sampled[name] if kind == "raw_pixels" else slice(None)]
                   for name, split in splits.items()}
         has_label = pd.notna(labels["train"])
-        train_x, y = features[kind]["train"][has_label], labels["train"][has_label]
+        # a boolean index copies the features: only where some record has no label
+        train_x = features[kind]["train"] if has_label.all() else features[kind]["train"][has_label]
+        y = labels["train"][has_label]
         fitted = {"probe": linear_probe(train_x, y, settings.probe_c, settings.probe_max_iter),
                   "knn": knn(train_x, y, settings.knn_k)}
         for method, classifier in fitted.items():
@@ -172,15 +174,16 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
 @torch.no_grad()
 def measure(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, split: Split,
             normalisation: Normalisation, pool: str, device: torch.device, settings: EvaluateSettings,
-            seed: int) -> dict[str, np.ndarray]:
+            seed: int, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One streaming pass over a split: per record, the hidden-pixel error of the model, of the random-init model and
     of the patch-mean predictor (masks fixed by `seed`, whatever the batch size), the masked loss, and both
-    encoders' features. Only these per-record values are kept, written into arrays made before the pass: small
-    per-batch results kept in lists would sit between the batches' large freed buffers and keep the allocator from
-    returning them, so memory would grow with the split."""
-    count, width = len(split), MAEEncoder(model, pool).width
+    encoders' features, written into `features` (`mae` and `random_init`, one row per record: views of the arrays
+    every split shares, so they are never copied to be saved). Only these per-record values are kept, in arrays made
+    before the pass: small per-batch results kept in lists would sit between the batches' large freed buffers and
+    keep the allocator from returning them, so memory would grow with the split."""
+    count = len(split)
     measured = {**{key: np.empty(count) for key in ("mse", "loss", "mse_random_init", "mse_patch_mean")},
-                **{kind: np.empty((count, width), dtype=np.float32) for kind in ("mae", "random_init")}}
+                **features}
     generator = torch.Generator().manual_seed(seed)
     for batch in loader(split.data, Batches(count, settings.batch_size), settings.workers, device):
         rows = batch["rows"].numpy()
@@ -216,9 +219,13 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     tables, features, sampled = [], {kind: {} for kind in FEATURES}, {}
     reconstruction = {}
+    ends = np.cumsum([len(split) for split in splits.values()])
+    embeddings = {kind: np.empty((int(ends[-1]), MAEEncoder(model, pool).width), dtype=np.float32)
+                  for kind in ("mae", "random_init")}
     for offset, (name, split) in enumerate(splits.items()):
+        rows = slice(int(ends[offset]) - len(split), int(ends[offset]))
         measured = measure(model, baseline_model, split, normalisation, pool, device, settings,
-                           settings.seed + offset)
+                           settings.seed + offset, {kind: array[rows] for kind, array in embeddings.items()})
         table = split.records[["record_id", "dataset", "domain", *attributes, "label"]].copy()
         table.insert(2, "split", name)
         table["recon_mse"] = measured["mse"]
@@ -273,7 +280,7 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     samples.to_parquet(layout.samples_file, index=False)
     np.savez(layout.embeddings_file, record_id=samples["record_id"].to_numpy(dtype=str),
              split=samples["split"].to_numpy(dtype=str),
-             **{kind: np.concatenate([features[kind][name] for name in splits]) for kind in ("mae", "random_init")})
+             **embeddings)
     layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(layout.eval_metrics_file, metrics)
     layout.eval_figures.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,13 @@ def reconstruct(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.
     device = next(model.parameters()).device
     parts = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
-        _, pred, mask = model(batch, mask_ratio, noise[start:start + batch_size].to(device))
+        batch, batch_noise = images[start:start + batch_size].to(device), noise[start:start + batch_size].to(device)
         target = model.target(batch)
-        if patch_mean:
+        if patch_mean:  # no model: the masks the model would draw from this noise (of a zero-width token tensor)
+            _, mask, _ = model.random_masking(target[..., :0], mask_ratio, batch_noise)
             pred = target.mean(dim=-1, keepdim=True).expand_as(target)
+        else:
+            _, pred, mask = model(batch, mask_ratio, batch_noise)
         loss = (((pred - target) ** 2).mean(dim=-1) * mask).sum(dim=1) / mask.sum(dim=1)
         if model.norm_pix_loss:
             patches = model.patchify(batch)
