@@ -19,7 +19,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from itertools import islice
+from itertools import chain, islice
 from urllib.parse import urlsplit
 
 from pipeline import PipelineError
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64  # items per pool task: amortises the hand-off to a worker over many small images
 IN_FLIGHT = 4  # chunks per worker submitted ahead of the writer
-RAY_BATCH = 256  # items per Ray Data block and batch: a Ray task costs more than a pool task, so fewer, larger ones
-RAY_WINDOW = 16_384  # items per Ray dataset: the Ray engine's bound on memory in flight
+RAY_BATCH = 256  # items per Ray task (one row): a Ray task costs more than a pool task, so fewer, larger ones
+RAY_WINDOW = 32_768  # items per Ray dataset; two in flight (about 50 MB each here) are the Ray engine's memory bound
 TCP_TIMEOUT = 3  # seconds for a TCP connection to $RAY_ADDRESS
 RAY_CONNECT_TIMEOUT = 15  # seconds for Ray to connect there: the stage ends within 30 s when no cluster answers
 PROBE = "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); ray.shutdown()"
@@ -151,6 +151,9 @@ def _ray(workers: int):
     try:
         data = ray.data.DataContext.get_current()
         data.execution_options.preserve_order = True
+        # with Ray Data's per-operator reservation, 2 CPUs ran one task at a time for about 70% of a window
+        # (measured); the windows bound memory here, not Ray Data's budgets
+        data.op_resource_reservation_enabled = False
         data.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         yield
@@ -158,23 +161,45 @@ def _ray(workers: int):
         ray.shutdown()
 
 
-def _judge_batch(batch: dict, context: Context) -> dict:
+def _judge_chunks(batch: dict, context: Context) -> dict:
+    """A Ray task: each row a pickled chunk of items, judged into a pickled list (one pickle per chunk, as the pool
+    sends them, shares the source's settings between its items)."""
     import numpy as np
 
-    judged = judge_all([pickle.loads(item) for item in batch["item"]], context)
-    return {"judged": np.array([pickle.dumps(record) for record in judged], dtype=object)}
+    return {"judged": np.array([pickle.dumps(judge_all(pickle.loads(chunk), context)) for chunk in batch["chunk"]],
+                               dtype=object)}
+
+
+def _dataset(window: list[Item], context: Context):
+    """A window as a Ray dataset of one row per RAY_BATCH items, put into the object store now, run when read.
+    Rows are pickles in an Arrow binary column: Ray would first try, and fail, to convert items to Arrow types."""
+    import ray
+
+    rows = [{"chunk": pickle.dumps(chunk)} for chunk in chunks(window, RAY_BATCH)]
+    return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        _judge_chunks, fn_kwargs={"context": context}, batch_size=1, batch_format="numpy")
+
+
+def _started(dataset) -> Iterator[dict]:
+    """The dataset's batches in order (preserve_order), its run started: from the first batch on, Ray Data's own
+    thread keeps its tasks going while the driver does other work."""
+    batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    return chain(list(islice(batches, 1)), batches)
+
+
+def _records(batches: Iterable[dict]) -> Iterator[Judged]:
+    for batch in batches:
+        for judged in batch["judged"]:
+            yield from pickle.loads(judged)
 
 
 def _ray_judged(items: Iterable[Item], context: Context) -> Iterator[Judged]:
-    """One Ray dataset per RAY_WINDOW items, in blocks of RAY_BATCH: map_batches, read back in order
-    (preserve_order) as blocks finish, so the writer streams while Ray works. Items and results cross as pickles
-    (what the pool sends) in an Arrow binary column: Ray would first try, and fail, to convert them to Arrow types."""
-    import ray
-
+    """Windows of RAY_WINDOW items, one Ray dataset each. Window k+1 is listed, pickled and put into the object
+    store while window k runs, and started once k is read back, so the workers wait for a dataset's start but not
+    for the driver's listing. (Running two datasets at once, tried, cost the driver several times its CPU.)"""
+    running: Iterable[dict] = ()
     for window in chunks(items, RAY_WINDOW):
-        dataset = ray.data.from_items([{"item": pickle.dumps(item)} for item in window],
-                                      override_num_blocks=-(-len(window) // RAY_BATCH))
-        judged = dataset.map_batches(_judge_batch, fn_kwargs={"context": context}, batch_size=RAY_BATCH,
-                                     batch_format="numpy")
-        for batch in judged.iter_batches(batch_size=None, batch_format="numpy"):
-            yield from (pickle.loads(record) for record in batch["judged"])
+        dataset = _dataset(window, context)
+        yield from _records(running)
+        running = _started(dataset)
+    yield from _records(running)
