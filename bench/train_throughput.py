@@ -195,12 +195,11 @@ def report(name: str, rate: float, flops_per_image: float, peak: float) -> None:
 
 def data_rate(data, normalisation, settings, device: torch.device) -> float:
     """Images per second through the training loop's data path alone, over one epoch, read as the loop reads it."""
-    from pipeline.data import Batches, Epochs, loader, model_input, on_device
+    from pipeline.data import Batches, Epochs, loader, on_device, training_input
 
     batches = Batches(len(data), settings.batch_size, shuffle=True, seed=settings.seed)
     prepared = on_device(loader(data, Epochs(batches, 0, 1), settings.workers, device, settings.prefetch),
-                         lambda batch: (model_input(batch, normalisation, device),
-                                        batch["noise"].to(device, non_blocking=True)), device)
+                         lambda batch: training_input(batch, normalisation, device), device)
     started, seen = time.perf_counter(), 0
     for images, _ in prepared:
         seen += len(images)

@@ -287,6 +287,12 @@ def model_input(batch: dict[str, torch.Tensor], normalisation: Normalisation, de
     return normalisation.standardise(images)
 
 
+def training_input(batch: dict[str, torch.Tensor], normalisation: Normalisation,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch as the step reads it, on `device`: the model input and each sample's masking noise."""
+    return model_input(batch, normalisation, device), batch["noise"].to(device, non_blocking=True)
+
+
 def on_device(batches: Iterable[dict], prepare: Callable[[dict], tuple[torch.Tensor, ...]],
               device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
     """`prepare(batch)` for each loader batch. On CUDA the next batch is prepared on a side stream while the current

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import PipelineError
-from pipeline.data import Batches, Epochs, SplitPixels, loader, model_input, on_device
+from pipeline.data import Batches, Epochs, SplitPixels, loader, model_input, on_device, training_input
 from pipeline.mae import MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 from pipeline.params import PretrainSettings
@@ -240,8 +240,7 @@ def train(model: MaskedAutoencoderViT, data: SplitPixels, normalisation: Normali
                       world_size=world.size, count=micro_per_epoch)
     requests = Epochs(batches, state.epoch, settings.epochs, state.position)
     loaded = on_device(loader(data, requests, settings.workers, device, settings.prefetch),
-                       lambda batch: (model_input(batch, normalisation, device),
-                                      batch["noise"].to(device, non_blocking=True)), device)
+                       lambda batch: training_input(batch, normalisation, device), device)
     pending: list[tuple[int, float, list[torch.Tensor]]] = []  # (step, lr, its micro-batch losses) not yet read
 
     def read(bar) -> None:
