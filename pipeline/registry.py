@@ -44,8 +44,8 @@ def lineage_of_run(run: RunRecord, train_paths: list[Path], root: Path) -> dict:
         raise mlflow_error(f"run {run.run_id} of models/mae/run.json is not there", exc) from None
     for train_path in train_paths:
         key = f"dvc.md5.{train_path.relative_to(root).as_posix()}"
-        if key in tags and tags[key] != md5(train_path):
-            raise PipelineError(f"{train_path}: md5 {md5(train_path)} differs from the {tags[key]} the model was "
+        if key in tags and (found := md5(train_path)) != tags[key]:
+            raise PipelineError(f"{train_path}: md5 {found} differs from the {tags[key]} the model was "
                                 "trained on; run `dvc repro` so model and data agree")
     hashes = {k.removeprefix("dvc.md5."): v for k, v in sorted(tags.items()) if k.startswith("dvc.md5.")}
     hashes.update({k: v for k, v in sorted(tags.items()) if k.startswith("data.") and k.endswith("sha256")})

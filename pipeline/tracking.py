@@ -149,9 +149,17 @@ def reachable():
 
 
 def md5(path: Path) -> str:
-    """The hash DVC records for a file, so a tag can be matched against dvc.lock."""
+    """The hash DVC records for a file, so a tag can be matched against dvc.lock. Read once per file version (path,
+    size, modification time), as DVC's own state does: a stage hashes its inputs for several records (the checkpoint
+    fingerprint, the MLflow inputs, the lineage tags), and a real training split is tens of GB."""
+    stat = path.stat()
+    return _md5(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _md5(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.md5()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
