@@ -228,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
           "patch-mean predictor); where the card has labels, fit a linear probe and a kNN classifier on frozen "
           "train features and score them on val / test / heldout, against random-init and raw-pixel features. "
           "Writes data/eval/ (samples.parquet: one row per image, what the audits read, memorization in the report "
-          "included; embeddings.npz), metrics/eval.json, reconstruction grids per group and domain in reports/eval/, "
-          "and logs them to the model's MLflow run.", _evaluate)
+          "included; embeddings/<kind>.npy: each encoder's features, row i for the table's row i), metrics/eval.json, "
+          "reconstruction grids per group and domain in reports/eval/, and logs them to the model's MLflow run.",
+          _evaluate)
     stage("audit-bias", "audit per-group and intersectional disparities (DVC stage audit_bias)",
           "With fairlearn's MetricFrame, compare reconstruction error and probe / kNN accuracy across the card's "
           "sensitive groups and their intersections on unseen images, with bootstrap intervals; decide each check "

@@ -40,7 +40,7 @@ MODEL = "models/mae"  # pretrain: model.pt, config.json, run.json, reconstructio
 CHECKPOINTS = "models/checkpoints"  # pretrain (persisted across runs)
 PRETRAIN_METRICS = "metrics/pretrain.json"
 PRETRAIN_LOSS = "metrics/pretrain_loss.csv"
-EVAL = "data/eval"  # evaluate: samples.parquet, embeddings.npz
+EVAL = "data/eval"  # evaluate: samples.parquet, embeddings/<kind>.npy
 EVAL_METRICS = "metrics/eval.json"
 EVAL_FIGURES = "reports/eval"
 BIAS = "reports/bias"  # audit_bias: bias.json, bias.md, <grouping>.png
@@ -211,8 +211,11 @@ class Layout:
         return self.eval / "samples.parquet"
 
     @property
-    def embeddings_file(self) -> Path:
-        return self.eval / "embeddings.npz"
+    def embeddings_folder(self) -> Path:
+        return self.eval / "embeddings"
+
+    def embeddings_file(self, kind: str) -> Path:
+        return self.embeddings_folder / f"{kind}.npy"
 
     @property
     def eval_metrics_file(self) -> Path:
@@ -227,9 +230,8 @@ class Layout:
         return read_table(self.samples_file)
 
     def embeddings(self, kind: str = "mae"):
-        """Row i is the embedding of samples row i."""
-        with read_array(self.embeddings_file) as found:
-            return found[kind]
+        """Row i is the embedding of samples row i (its `embedding_row`)."""
+        return read_array(self.embeddings_file(kind))
 
     def eval_metrics(self) -> EvalMetrics:
         return read_json(self.eval_metrics_file, EvalMetrics)

@@ -9,8 +9,9 @@ features, for the MAE encoder and the same baselines plus raw pixels. The per-sa
 audits read: bias and shift, and memorization (training against unseen images), which the report measures.
 
 Writes data/eval/samples.parquet (one row per record of every split: the audits' input) and
-embeddings.npz (the row-aligned features), metrics/eval.json (`contracts.EvalMetrics`), and reconstruction
-grids per group and per domain in reports/eval/; logs all of it to the model's MLflow run.
+embeddings/<kind>.npy (each encoder's features: row i is the table's row i), metrics/eval.json
+(`contracts.EvalMetrics`), and reconstruction grids per group and per domain in reports/eval/; logs all of it to the
+model's MLflow run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 FEATURES = ("mae", "random_init", "raw_pixels")
 # scikit-learn computes kNN distances in chunks of this size: by default 1 GiB, which a large split fills
 WORKING_MEMORY_MIB = 64
+SCALER_ROWS = 8192  # one chunk for the default data, whose train split is smaller: its probe is bit for bit as fit's
 
 
 def random_model(config: ModelConfig, seed: int) -> MaskedAutoencoderViT:
@@ -83,18 +86,31 @@ def raw_pixels(pixels: Mapped, rows: np.ndarray, normalisation: Normalisation, s
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int):
+    """Standardises `train_x` in place (and what it predicts on), its statistics gathered SCALER_ROWS rows at a time:
+    StandardScaler's fit on a whole split holds float64 copies of it, and the probe would hold its features three
+    times over."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter)).fit(train_x, train_y)
+    scaler = StandardScaler(copy=False)
+    for start in range(0, len(train_x), SCALER_ROWS):
+        scaler.partial_fit(train_x[start:start + SCALER_ROWS])
+    return make_pipeline(scaler, LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y))
 
 
 def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
+    """Cosine kNN: features scaled to unit length in place (`train_x`, and what it predicts on), then Euclidean
+    neighbours, which rank as cosine ones do (|a - b|^2 = 2 - 2 cos a,b for unit vectors). scikit-learn's cosine
+    metric would copy the normalised train features for every chunk of queries; Euclidean distances are computed in
+    bounded chunks."""
     from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer
 
-    return KNeighborsClassifier(n_neighbors=min(k, len(train_x)), metric="cosine", algorithm="brute").fit(
-        train_x, train_y)
+    return make_pipeline(Normalizer(copy=False),
+                         KNeighborsClassifier(n_neighbors=min(k, len(train_x)), algorithm="brute")).fit(train_x,
+                                                                                                         train_y)
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -111,34 +127,37 @@ def labelled(card: DataCard, train: pd.DataFrame) -> str | None:
     return None
 
 
-def representation_metrics(splits: dict[str, Split], features: dict[str, dict[str, np.ndarray]],
+def representation_metrics(splits: dict[str, Split], features: Callable[[str, str], np.ndarray],
                            sampled: dict[str, np.ndarray],
                            settings: EvaluateSettings) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions. Raw-pixel
-    features exist for the rows `sampled` of each split only."""
+    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions.
+    `features(kind, split)` reads a fresh copy of one kind's features of one split (raw-pixel features exist for the
+    rows `sampled` of each split only), which the classifier scales in place: one classifier at a time holds its
+    train features and one other split's, once."""
     from sklearn import config_context
 
+    fits = {"probe": lambda x, y: linear_probe(x, y, settings.probe_c, settings.probe_max_iter),
+            "knn": lambda x, y: knn(x, y, settings.knn_k)}
     scores: dict = {"probe": {}, "knn": {}}
     predictions: dict[str, dict[str, np.ndarray]] = {"probe": {}, "knn": {}}
     for kind in FEATURES:
         labels = {name: split.records["label"].to_numpy()[sampled[name] if kind == "raw_pixels" else slice(None)]
                   for name, split in splits.items()}
         has_label = pd.notna(labels["train"])
-        # a boolean index copies the features: only where some record has no label
-        train_x = features[kind]["train"] if has_label.all() else features[kind]["train"][has_label]
-        y = labels["train"][has_label]
-        fitted = {"probe": linear_probe(train_x, y, settings.probe_c, settings.probe_max_iter),
-                  "knn": knn(train_x, y, settings.knn_k)}
-        for method, classifier in fitted.items():
+        for method, fit in fits.items():
+            train_x = features(kind, "train")
+            classifier = fit(train_x if has_label.all() else train_x[has_label], labels["train"][has_label])
+            del train_x
             for name in splits:
                 if name == "train":
                     continue
                 with config_context(working_memory=WORKING_MEMORY_MIB):
-                    predicted = classifier.predict(features[kind][name])
+                    predicted = classifier.predict(features(kind, name))
                 known = pd.notna(labels[name])
                 scores[method].setdefault(name, {})[kind] = accuracy(predicted[known], labels[name][known])
                 if kind == "mae":
                     predictions[method][name] = predicted
+            del classifier
     for method in ("probe", "knn"):
         reference = scores[method].get("test") or next(iter(scores[method].values()))
         scores[method]["margin_over_random_init"] = reference["mae"] - reference["random_init"]
@@ -171,19 +190,25 @@ def grids(model: MaskedAutoencoderViT, splits: dict[str, Split], attributes: lis
     return written
 
 
+def write_rows(path: Path, rows: np.ndarray, values: np.ndarray) -> None:
+    """Rows of an .npy file, written through a memory map made for this write alone: a map kept open would keep
+    every page written in the process's resident set, so features written for a whole collection would show in
+    its memory."""
+    np.lib.format.open_memmap(path, mode="r+")[rows] = values
+
+
 @torch.no_grad()
 def measure(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, split: Split,
             normalisation: Normalisation, pool: str, device: torch.device, settings: EvaluateSettings,
-            seed: int, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            seed: int, features: dict[str, Path], first_row: int) -> dict[str, np.ndarray]:
     """One streaming pass over a split: per record, the hidden-pixel error of the model, of the random-init model and
-    of the patch-mean predictor (masks fixed by `seed`, whatever the batch size), the masked loss, and both
-    encoders' features, written into `features` (`mae` and `random_init`, one row per record: views of the arrays
-    every split shares, so they are never copied to be saved). Only these per-record values are kept, in arrays made
-    before the pass: small per-batch results kept in lists would sit between the batches' large freed buffers and
-    keep the allocator from returning them, so memory would grow with the split."""
+    of the patch-mean predictor (masks fixed by `seed`, whatever the batch size) and the masked loss, returned; both
+    encoders' features written to the `features` files (`mae`, `random_init`) from row `first_row` on, batch by
+    batch, so they are never held. The per-record values are kept in arrays made before the pass: small per-batch
+    results kept in lists would sit between the batches' large freed buffers and keep the allocator from returning
+    them, so memory would grow with the split."""
     count = len(split)
-    measured = {**{key: np.empty(count) for key in ("mse", "loss", "mse_random_init", "mse_patch_mean")},
-                **features}
+    measured = {key: np.empty(count) for key in ("mse", "loss", "mse_random_init", "mse_patch_mean")}
     generator = torch.Generator().manual_seed(seed)
     for batch in loader(split.data, Batches(count, settings.batch_size), settings.workers, device):
         rows = batch["rows"].numpy()
@@ -196,8 +221,8 @@ def measure(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, s
                                                         normalisation, batch_size=len(images)).mse.cpu().numpy()
         measured["mse_patch_mean"][rows] = reconstruct(model, images, noise, settings.mask_ratio, normalisation,
                                                        patch_mean=True, batch_size=len(images)).mse.cpu().numpy()
-        measured["mae"][rows] = embed(model, images, pool, len(images))
-        measured["random_init"][rows] = embed(baseline_model, images, pool, len(images))
+        write_rows(features["mae"], first_row + rows, embed(model, images, pool, len(images)))
+        write_rows(features["random_init"], first_row + rows, embed(baseline_model, images, pool, len(images)))
     return measured
 
 
@@ -208,24 +233,50 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     torch.set_num_threads(settings.threads)
     trained = load_trained(layout)
     model, dataset, normalisation = trained.model, trained.dataset, trained.normalisation
-    pool = trained.config.pool  # the feature the logged encoder returns (pretrain took it from evaluate.pool)
     card = load_card(card_path(dataset, cards_dir))
     attributes = [attr.name for attr in card.sensitive_attributes]
-    mask_ratio = settings.mask_ratio
     splits = load_splits(layout, dataset, ["record_id", "dataset", "domain", *attributes, "label"])
     device = resolve_device(settings.device)
     model.to(device)
     baseline_model = random_model(trained.config, settings.seed).to(device)
 
-    tables, features, sampled = [], {kind: {} for kind in FEATURES}, {}
-    reconstruction = {}
+    layout.eval.mkdir(parents=True, exist_ok=True)
+    metrics = score_splits(model, baseline_model, dataset, splits, card, normalisation, trained.config.pool, device,
+                           settings, layout)
+    layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(layout.eval_metrics_file, metrics)
+    layout.eval_figures.mkdir(parents=True, exist_ok=True)
+    figures = grids(model.cpu(), splits, attributes, normalisation, settings, settings.mask_ratio, layout.eval_figures)
+    _summarise(metrics)
+    if log_to_mlflow:
+        with model_run(layout.run_file) as mlflow:
+            mlflow.log_metrics(flat_metrics(metrics.model_dump(mode="json"), "eval"))
+            mlflow.log_artifact(str(layout.eval_metrics_file), "eval")
+            mlflow.log_artifact(str(layout.samples_file), "eval")
+            for path in figures:
+                mlflow.log_artifact(str(path), "eval/figures")
+    return metrics
+
+
+def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, dataset: str,
+                 splits: dict[str, Split], card: DataCard, normalisation: Normalisation, pool: str,
+                 device: torch.device, settings: EvaluateSettings, layout: Layout) -> EvalMetrics:
+    """Every split measured and the classifiers scored; writes the per-sample table and the features, and returns
+    the metrics. What it holds per record (the table, the raw-pixel sample) goes when it returns, before the figures
+    and MLflow's imports add their own memory. `pool` is the feature the logged encoder returns (pretrain took it
+    from evaluate.pool)."""
+    attributes = [attr.name for attr in card.sensitive_attributes]
+    tables, raw, sampled, reconstruction = [], {}, {}, {}
     ends = np.cumsum([len(split) for split in splits.values()])
-    embeddings = {kind: np.empty((int(ends[-1]), MAEEncoder(model, pool).width), dtype=np.float32)
-                  for kind in ("mae", "random_init")}
+    layout.embeddings_folder.mkdir(exist_ok=True)
+    files = {kind: layout.embeddings_file(kind) for kind in ("mae", "random_init")}
+    shape = (int(ends[-1]), MAEEncoder(model, pool).width)
+    for path in files.values():  # made at full size, nothing written yet (`write_rows` fills them)
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     for offset, (name, split) in enumerate(splits.items()):
-        rows = slice(int(ends[offset]) - len(split), int(ends[offset]))
-        measured = measure(model, baseline_model, split, normalisation, pool, device, settings,
-                           settings.seed + offset, {kind: array[rows] for kind, array in embeddings.items()})
+        first_row = int(ends[offset]) - len(split)
+        measured = measure(model, baseline_model, split, normalisation, pool, device, settings, settings.seed + offset,
+                           files, first_row)
         table = split.records[["record_id", "dataset", "domain", *attributes, "label"]].copy()
         table.insert(2, "split", name)
         table["recon_mse"] = measured["mse"]
@@ -239,13 +290,18 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
                                 "masked_loss": table["masked_loss"].mean(),
                                 "mse_random_init": table["recon_mse_random_init"].mean(),
                                 "mse_patch_mean": table["recon_mse_patch_mean"].mean()}
-        features["mae"][name], features["random_init"][name] = measured["mae"], measured["random_init"]
         sampled[name] = raw_pixel_rows(len(split), settings, offset)
-        features["raw_pixels"][name] = raw_pixels(split.pixels, sampled[name], normalisation,
-                                                  settings.raw_pixels_size, settings.batch_size)
+        raw[name] = raw_pixels(split.pixels, sampled[name], normalisation, settings.raw_pixels_size,
+                               settings.batch_size)
         log.info("%s: %d images, hidden-pixel MSE %.4f (random init %.4f, patch mean %.4f)", name, len(table),
                  reconstruction[name]["mse"], reconstruction[name]["mse_random_init"],
                  reconstruction[name]["mse_patch_mean"])
+
+    def features(kind: str, name: str) -> np.ndarray:
+        if kind == "raw_pixels":
+            return raw[name].copy()
+        first_row = int(ends[list(splits).index(name)]) - len(splits[name])
+        return Mapped(files[kind])[first_row:first_row + len(splits[name])]
 
     missing = labelled(card, splits["train"].records)
     if missing:
@@ -266,34 +322,16 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))
-    side = splits["train"].pixels.shape[2]
-    raw = {"dataset": dataset, "mask_ratio": mask_ratio, "seed": settings.seed, "pool": pool,
-           "reconstruction": reconstruction, **scores,
-           "raw_pixels": {"max_images": settings.raw_pixels_images,
-                          "size": pooling(side, settings.raw_pixels_size)[1],
-                          "images": {name: len(rows) for name, rows in sampled.items()}}}
-    # rounded, so the DVC metrics do not change with the last bits of a float sum
-    metrics = EvalMetrics.model_validate(json.loads(json.dumps(raw, default=float),
-                                                    parse_float=lambda v: round(float(v), 6)))
-
-    layout.eval.mkdir(parents=True, exist_ok=True)
     samples.to_parquet(layout.samples_file, index=False)
-    np.savez(layout.embeddings_file, record_id=samples["record_id"].to_numpy(dtype=str),
-             split=samples["split"].to_numpy(dtype=str),
-             **embeddings)
-    layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(layout.eval_metrics_file, metrics)
-    layout.eval_figures.mkdir(parents=True, exist_ok=True)
-    figures = grids(model.cpu(), splits, attributes, normalisation, settings, mask_ratio, layout.eval_figures)
-    _summarise(metrics)
-    if log_to_mlflow:
-        with model_run(layout.run_file) as mlflow:
-            mlflow.log_metrics(flat_metrics(metrics.model_dump(mode="json"), "eval"))
-            mlflow.log_artifact(str(layout.eval_metrics_file), "eval")
-            mlflow.log_artifact(str(layout.samples_file), "eval")
-            for path in figures:
-                mlflow.log_artifact(str(path), "eval/figures")
-    return metrics
+    side = splits["train"].pixels.shape[2]
+    raw_metrics = {"dataset": dataset, "mask_ratio": settings.mask_ratio, "seed": settings.seed, "pool": pool,
+                   "reconstruction": reconstruction, **scores,
+                   "raw_pixels": {"max_images": settings.raw_pixels_images,
+                                  "size": pooling(side, settings.raw_pixels_size)[1],
+                                  "images": {name: len(rows) for name, rows in sampled.items()}}}
+    # rounded, so the DVC metrics do not change with the last bits of a float sum
+    return EvalMetrics.model_validate(json.loads(json.dumps(raw_metrics, default=float),
+                                                 parse_float=lambda v: round(float(v), 6)))
 
 
 def flat_metrics(tree: dict, prefix: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.artifacts import Layout
 from pipeline.contracts import ClassifierScores, EvalMetrics
-from pipeline.evaluate import accuracy
+from pipeline.evaluate import SCALER_ROWS, accuracy, knn, linear_probe, write_rows
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
 from pipeline.reconstruction import masking_noise, psnr, reconstruct
@@ -41,6 +41,47 @@ def test_patch_mean_baseline_error_is_each_hidden_patch_variance():
     assert result.hidden.mean(dim=(1, 2, 3)).numpy() == pytest.approx([0.5, 0.5])
     visible = result.hidden == 0
     assert torch.equal(result.pasted[visible], stripes[visible]), "visible pixels are pasted back unchanged"
+
+
+def test_classifiers_scale_their_own_copy_as_scikit_learn_would_on_the_whole_split():
+    """The probe's statistics gathered in chunks equal StandardScaler's on the whole split (bit for bit within one
+    chunk); kNN on unit vectors and Euclidean distance picks the neighbours, and so the classes, of cosine kNN."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    for rows in (SCALER_ROWS - 1, 2 * SCALER_ROWS + 5):
+        x = (rng.normal(size=(rows, 6)) * [1, 2, 3, 4, 5, 6] + 10).astype(np.float32)
+        y = (x[:, 0] + rng.normal(size=rows) > 10).astype(int)
+        queries = (rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10).astype(np.float32)
+        whole = make_pipeline(StandardScaler(), LogisticRegression(max_iter=200)).fit(x, y)
+        ours = linear_probe(x.copy(), y, 1.0, 200)
+        scaler = ours.steps[0][1]
+        if rows < SCALER_ROWS:
+            assert np.array_equal(scaler.mean_, whole.steps[0][1].mean_)
+            assert np.array_equal(scaler.scale_, whole.steps[0][1].scale_)
+        assert np.allclose(scaler.mean_, whole.steps[0][1].mean_) and np.allclose(scaler.var_, whole.steps[0][1].var_)
+        assert (ours.predict(queries.copy()) == whole.predict(queries)).all()
+
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = rng.integers(0, 4, size=400)
+    queries = rng.normal(size=(100, 8)).astype(np.float32)
+    cosine = KNeighborsClassifier(n_neighbors=7, metric="cosine", algorithm="brute").fit(x, y)
+    fitted = knn(x.copy(), y, 7)
+    assert (fitted.predict(queries.copy()) == cosine.predict(queries)).all()
+    distances, _ = cosine.kneighbors(queries)
+    unit = fitted.steps[-1][1].kneighbors(fitted.steps[0][1].transform(queries.copy()))
+    assert np.allclose(unit[0] ** 2, 2 * distances, atol=1e-5) and (unit[1] == cosine.kneighbors(queries)[1]).all()
+
+
+def test_features_are_written_row_by_row_into_the_npy_file(tmp_path):
+    path = tmp_path / "features.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(10, 3))
+    write_rows(path, np.arange(4, 10), np.ones((6, 3), dtype=np.float32))
+    write_rows(path, np.arange(0, 4), np.arange(12, dtype=np.float32).reshape(4, 3))
+    assert np.array_equal(np.load(path), np.vstack([np.arange(12).reshape(4, 3), np.ones((6, 3))]))
 
 
 def test_normalisation_round_trips_stored_pixels():
@@ -71,8 +112,9 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert (unseen["probe_correct"] == (unseen["probe_pred"] == unseen["label"])).all()
     assert np.allclose(samples["psnr"], 10 * np.log10(1 / samples["recon_mse"]))
 
-    embeddings = np.load(root / "data" / "eval" / "embeddings.npz")
-    assert list(embeddings["record_id"]) == list(samples["record_id"])
+    embeddings = {kind: np.load(root / "data" / "eval" / "embeddings" / f"{kind}.npy")
+                  for kind in ("mae", "random_init")}
+    assert (samples["embedding_row"] == np.arange(len(samples))).all()
     architecture = json.loads((root / "models" / "mae" / "config.json").read_text())["model"]
     width = architecture["embed_dim"] * architecture["depth"]  # pool "blocks": every block's mean patch token
     assert embeddings["mae"].shape == embeddings["random_init"].shape == (len(samples), width)
@@ -134,9 +176,9 @@ def test_the_logged_encoder_returns_the_feature_the_audits_judged(evaluated: Wor
     images = load_trained(Layout(root)).normalisation.normalise(pixels)
     with torch.no_grad():
         logged = encoder(images).numpy()
-    embeddings = np.load(root / "data" / "eval" / "embeddings.npz")
-    rows = [list(embeddings["record_id"]).index(record) for record in val["record_id"][:4]]
-    assert np.allclose(logged, embeddings["mae"][rows], atol=1e-5)
+    samples = pd.read_parquet(root / "data" / "eval" / "samples.parquet").set_index("record_id")
+    rows = samples.loc[val["record_id"][:4], "embedding_row"].to_numpy()
+    assert np.allclose(logged, np.load(root / "data" / "eval" / "embeddings" / "mae.npy")[rows], atol=1e-5)
 
 
 def test_pretraining_learns_features_the_probe_reads_better_than_raw_pixels_and_a_random_encoder(tmp_path):
