@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import chain, islice
 from urllib.parse import urlsplit
@@ -58,8 +59,8 @@ def engine(settings: IngestSettings, context: Context) -> Iterator[Engine]:
     log.debug("ingest engine: %s", "Ray Data" if settings.engine == "ray" else
              "the stage's own process" if workers == 1 else f"a pool of {workers} processes")
     if settings.engine == "ray":
-        with _ray(workers):
-            yield lambda items: _ray_judged(items, context)
+        with _ray(workers) as start:
+            yield lambda items: _ray_judged(items, context, start)
     elif workers == 1:
         yield lambda items: (judge(item, context) for item in items)
     else:
@@ -134,9 +135,10 @@ def _reachable(address: str) -> None:
 
 
 @contextmanager
-def _ray(workers: int):
-    """A local Ray with `workers` CPUs, or the cluster at $RAY_ADDRESS (its own CPUs; the pipeline package is shipped
-    to its workers, so they run the driver's code); shut down, or disconnected from, when done."""
+def _ray(workers: int) -> Iterator[Callable[[], None]]:
+    """A function that starts a local Ray with `workers` CPUs, or connects to the cluster at $RAY_ADDRESS (its own
+    CPUs; the pipeline package is shipped to its workers, so they run the driver's code); shut down, or
+    disconnected from, when the block ends. An unreachable cluster is found here, before anything is read."""
     import ray
 
     import pipeline
@@ -145,10 +147,12 @@ def _ray(workers: int):
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     if address:
         _reachable(address)
-        ray.init(address=address, runtime_env={"py_modules": [pipeline]}, **options)
-    else:
-        ray.init(address="local", num_cpus=workers, **options)
-    try:
+
+    def start() -> None:
+        if address:
+            ray.init(address=address, runtime_env={"py_modules": [pipeline]}, **options)
+        else:
+            ray.init(address="local", num_cpus=workers, **options)
         data = ray.data.DataContext.get_current()
         data.execution_options.preserve_order = True
         # with Ray Data's per-operator reservation, 2 CPUs ran one task at a time for about 70% of a window
@@ -156,9 +160,12 @@ def _ray(workers: int):
         data.op_resource_reservation_enabled = False
         data.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        yield
+
+    try:
+        yield start
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _judge_chunks(batch: dict, context: Context) -> dict:
@@ -193,13 +200,20 @@ def _records(batches: Iterable[dict]) -> Iterator[Judged]:
             yield from pickle.loads(judged)
 
 
-def _ray_judged(items: Iterable[Item], context: Context) -> Iterator[Judged]:
-    """Windows of RAY_WINDOW items, one Ray dataset each. Window k+1 is listed, pickled and put into the object
-    store while window k runs, and started once k is read back, so the workers wait for a dataset's start but not
-    for the driver's listing. (Running two datasets at once, tried, cost the driver several times its CPU.)"""
+def _ray_judged(items: Iterable[Item], context: Context, start: Callable[[], None]) -> Iterator[Judged]:
+    """Windows of RAY_WINDOW items, one Ray dataset each. Ray starts (`start`: its own processes' work, mostly) while
+    a thread lists the first window. Window k+1 is listed, pickled and put into the object store while window k
+    runs, and started once k is read back, so the workers wait for a dataset's start but not for the driver's
+    listing. (Running two datasets at once, tried, cost the driver several times its CPU.)"""
+    windows = chunks(items, RAY_WINDOW)
+    with ThreadPoolExecutor(1) as lister:
+        first = lister.submit(next, windows, None)
+        start()
+        window = first.result()
     running: Iterable[dict] = ()
-    for window in chunks(items, RAY_WINDOW):
+    while window is not None:
         dataset = _dataset(window, context)
         yield from _records(running)
         running = _started(dataset)
+        window = next(windows, None)
     yield from _records(running)
