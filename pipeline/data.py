@@ -1,10 +1,10 @@
-"""The data path: prepared splits read memory-mapped, in batches, through a DataLoader; pixels become model input
+"""The data path: prepared splits read by row, in batches, through a DataLoader; pixels become model input
 (augmented, normalised) per batch on the device.
 
-A split is never loaded whole. `SplitPixels` reads the uint8 [N, H, W, C] .npy through a read-only memory map
-(`Mapped`; several splits, the train splits of every dataset the model trains on, read end to end as one), and an
-item is a whole batch, read by its row indices (one fancy index into each file's map per batch, in the loader's
-worker processes). The samples of each batch come from `Batches`, a sampler run in the training process: for
+A split is never loaded whole. `SplitPixels` reads the uint8 [N, H, W, C] .npy by row with plain file reads
+(`NpyRows`; several splits, the train splits of every dataset the model trains on, read end to end as one), and an
+item is a whole batch, read by its row indices (a read per run of consecutive rows, in the loader's worker
+processes). The samples of each batch come from `Batches`, a sampler run in the training process: for
 training, a permutation of the epoch's samples seeded by (seed, epoch) cut into global batches of which each DDP
 process takes its slice; for evaluation, every row in order. A sample is a row, unless a `Mixture` draws the epoch
 from several splits by weight: then it says which row each sample is.
@@ -89,42 +89,59 @@ class Draws:
         return drawn
 
 
-class Mapped:
-    """A .npy array, or several read end to end as one (row len(first) is the second's first), through read-only
-    memory maps made for each access: indexing returns a copy of the rows asked for, read file by file, and the maps
-    go with it. A map kept open would keep every page it ever touched in the process's resident set (clean file
-    pages, reclaimable, but counted), so one pass over a split would show the whole file in the process's memory;
-    this way a pass holds at most what one access read."""
+class NpyRows:
+    """A .npy array, or several read end to end as one (row len(first) is the second's first), read by row with
+    plain file reads: indexing returns the rows asked for, each run of consecutive rows in one read. No memory map:
+    a map keeps every page it touched in the process's resident set while it is open, and even a map made for one
+    access maps a freshly written file's page cache in large folios (up to 2 MiB each, whole), so a batch of 256
+    random 12 KB rows of a 690 MB split just written by prepare showed 350 MiB of file pages in the process."""
 
     def __init__(self, paths: Path | Sequence[Path]):
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
-        shapes = []
+        shapes, self.offsets = [], []
         for path in self.paths:
-            mapped = read_array(path, mmap=True)
+            mapped = read_array(path, mmap=True)  # the header only: shape, dtype and where the data starts
             if shapes and mapped.shape[1:] != shapes[0][1:]:
                 raise PipelineError(f"{path}: images of shape {mapped.shape[1:]}, not the {shapes[0][1:]} of "
                                     f"{self.paths[0]}: the splits read together must hold images of one shape")
+            if not mapped.flags.c_contiguous:
+                raise PipelineError(f"{path}: a Fortran-ordered array; the pipeline writes rows in C order")
             shapes.append(mapped.shape)
+            self.offsets.append(mapped.offset)
             self.dtype = mapped.dtype
         self.sizes = tuple(shape[0] for shape in shapes)
         self.shape = (sum(self.sizes), *shapes[0][1:])
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, index) -> np.ndarray:
-        if len(self.paths) == 1:
-            return np.array(read_array(self.paths[0], mmap=True)[index])
         rows = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
         scalar = rows.ndim == 0
-        rows = np.atleast_1d(np.where(rows < 0, rows + len(self), rows))
+        rows = np.atleast_1d(rows).astype(np.int64)
+        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} rows")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        taken = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         ends = np.cumsum(self.sizes)
         which = np.searchsorted(ends, rows, side="right")
-        taken = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
         for k in np.unique(which):
-            mine = which == k
-            taken[mine] = read_array(self.paths[k], mmap=True)[rows[mine] - (ends[k] - self.sizes[k])]
+            mine = np.flatnonzero(which == k)
+            self._read(k, rows[mine] - (ends[k] - self.sizes[k]), taken, mine)
         return taken[0] if scalar else taken
+
+    def _read(self, k: int, rows: np.ndarray, into: np.ndarray, places: np.ndarray) -> None:
+        """Rows of file k into `into[places]`, a run of consecutive rows (that land consecutively) per read."""
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(places) != 1)) + 1
+        with open(self.paths[k], "rb", buffering=0) as handle:
+            for run_rows, run_places in zip(np.split(rows, breaks), np.split(places, breaks)):
+                target = memoryview(into[run_places[0]:run_places[-1] + 1]).cast("B")
+                handle.seek(self.offsets[k] + int(run_rows[0]) * self.row_bytes)
+                if handle.readinto(target) != len(target):
+                    raise PipelineError(f"{self.paths[k]}: shorter than its header says (truncated?)")
 
 
 def largest_remainder(total: int, weights: Sequence[float]) -> tuple[int, ...]:
@@ -182,14 +199,14 @@ class Mixture:
 
 
 class SplitPixels(Dataset):
-    """Prepared splits' uint8 pixels, memory-mapped (`Mapped`: one split, or several end to end); an item is a batch:
+    """Prepared splits' uint8 pixels, read by row (`NpyRows`: one split, or several end to end); an item is a batch:
     {"rows", "pixels" (uint8 [B, H, W, C])}, plus the draws of each sample when `draws` is given. With `weights`
     (training, one per split) an epoch's samples are a `Mixture` seeded by the draws' seed; without, sample s is
     row s."""
 
     def __init__(self, path: Path | Sequence[Path], draws: Draws | None = None,
                  weights: Sequence[float] | None = None):
-        self.pixels, self.draws = Mapped(path), draws
+        self.pixels, self.draws = NpyRows(path), draws
         self.mixture = None if weights is None else Mixture(self.pixels.sizes, weights, draws.seed)
 
     def __len__(self) -> int:

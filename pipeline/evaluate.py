@@ -29,7 +29,7 @@ import torch
 from pipeline.artifacts import Layout, write_json
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import ClassifierScores, EvalMetrics, ModelConfig
-from pipeline.data import Batches, Mapped, loader, model_input, resolve_device
+from pipeline.data import Batches, NpyRows, loader, model_input, resolve_device
 from pipeline.mae import MAEEncoder, MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, EvaluateSettings, load_params
@@ -70,7 +70,7 @@ def pooling(side: int, size: int) -> tuple[int, int]:
     return window, -(-side // window)
 
 
-def raw_pixels(pixels: Mapped, rows: np.ndarray, normalisation: Normalisation, size: int,
+def raw_pixels(pixels: NpyRows, rows: np.ndarray, normalisation: Normalisation, size: int,
                batch_size: int) -> np.ndarray:
     """The normalised pixels of `rows` as features, area-averaged to at most `size` a side, read and reduced a
     batch at a time, so the baseline's memory does not grow with the image size."""
@@ -301,7 +301,7 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
         if kind == "raw_pixels":
             return raw[name].copy()
         first_row = int(ends[list(splits).index(name)]) - len(splits[name])
-        return Mapped(files[kind])[first_row:first_row + len(splits[name])]
+        return NpyRows(files[kind])[first_row:first_row + len(splits[name])]
 
     missing = labelled(card, splits["train"].records)
     if missing:

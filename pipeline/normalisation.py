@@ -3,7 +3,7 @@
 Stored pixels are uint8 [N, H, W, C]; the model reads float [N, C, H, W] normalised per channel with the mean and
 standard deviation of the training pixels in [0, 1] units (models/mae/config.json keeps them). Reconstructions
 and errors are measured back in [0, 1] pixel space. The statistics come from one streaming pass over the
-(memory-mapped) training split; normalising happens per batch, on whatever device the batch is on.
+training split, read in chunks; normalising happens per batch, on whatever device the batch is on.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Normalisation:
     @classmethod
     def fit(cls, pixels, chunk_bytes: int = 2**26) -> Normalisation:
         """The per-channel statistics of uint8 training pixels [N, H, W, C] (an array, or rows read on demand as
-        pipeline.data.Mapped reads them); a floor on the std keeps a flat channel finite.
+        pipeline.data.NpyRows reads them); a floor on the std keeps a flat channel finite.
 
         One pass in chunks of about `chunk_bytes`, counting each channel's 256 values: exact, and the split is
         read once and never held whole."""

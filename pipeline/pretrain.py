@@ -2,7 +2,7 @@
 epoch drawn from them by weight, and record it in MLflow with its lineage.
 
 Writes models/mae/ (model.pt, config.json, run.json, reconstructions.png), metrics/pretrain.json (DVC
-metrics) and metrics/pretrain_loss.csv (DVC plots). The splits are read memory-mapped, in batches (pipeline.data);
+metrics) and metrics/pretrain_loss.csv (DVC plots). The splits are read by row, in batches (pipeline.data);
 the normalisation comes from one streaming pass over every listed train split. The held-out loss and the figure use
 the first listed dataset's val split, the dataset evaluate and the audits judge. Resumable: models/checkpoints/
 persists across runs, and a checkpoint is used only when it was written for the same params, data and world size.
@@ -22,7 +22,7 @@ from pipeline import PipelineError
 from pipeline.artifacts import Layout, read_array, write_json
 from pipeline.cards import card_path, load_card
 from pipeline.contracts import ModelConfig, PretrainMetrics, TrainedOn
-from pipeline.data import Batches, Draws, Mapped, SplitPixels, largest_remainder, loader, resolve_device
+from pipeline.data import Batches, Draws, NpyRows, SplitPixels, largest_remainder, loader, resolve_device
 from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, Params, PretrainSettings, load_params, training_datasets
@@ -78,7 +78,7 @@ def check_listed(params: Params, params_path: Path, cards_dir: Path) -> None:
 def trained_on(settings: PretrainSettings, layout: Layout) -> list[TrainedOn]:
     """Each listed dataset's train split with its share of an epoch's samples; an empty one cannot be drawn from."""
     paths = [layout.split_pixels(entry.name, "train") for entry in settings.datasets]
-    sizes = Mapped(paths).sizes
+    sizes = NpyRows(paths).sizes
     shares = largest_remainder(sum(sizes), [entry.weight for entry in settings.datasets])
     for entry, path, size in zip(settings.datasets, paths, sizes):
         if not size:

@@ -96,7 +96,9 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
         tags = {"release.decision": release.decision, "release.blocked_by": ", ".join(release.blocked_by)[:5000],
                 "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
         tags.update({f"data.{k}": v for k, v in release.data_hashes.items()})
-        tags["git.commit"] = release.model.git_commit
+        tags.update({"git.commit": release.model.git_commit, "git.dirty": release.model.git_dirty})
+        if release.model.git_changed_paths:
+            tags["git.changed_paths"] = release.model.git_changed_paths
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.update_model_version(name, version, description=f"Release {release.decision}: "

@@ -2,7 +2,7 @@
 
 AdamW (betas 0.9, 0.95; no weight decay on biases, norms, tokens and position embeddings; fused on CUDA), lr =
 base_lr x effective batch / 256, per-iteration linear warm-up then half-cycle cosine, gradient accumulation,
-bf16 autocast and torch.compile where they pay (CUDA). The data streams from the memory-mapped split through one
+bf16 autocast and torch.compile where they pay (CUDA). The data streams from the split, read by row, through one
 DataLoader iterator for the whole run, and on CUDA each next batch is copied and augmented on a side stream while
 the current one trains (pipeline.data); nothing waits for the device per step. Every random choice (batch order;
 each sample's masking noise, crop and flip) comes from generators seeded by (seed, epoch) and (seed, epoch,

@@ -1,7 +1,7 @@
 """The trained model as the later stages load it, and the prepared splits as the model reads them.
 
 One call gives the model with its weights, normalisation, dataset and MLflow run (`load_trained`), another a split
-with its records and its memory-mapped pixels (`load_split`), so pretrain, evaluate and audit_shift do not each
+with its records and its pixels, read by row (`load_split`), so pretrain, evaluate and audit_shift do not each
 repeat the prologue, and a missing file names the stage to run. Pixels are read in batches (pipeline.data) or by
 row (`take`), never a whole split at once.
 """
@@ -17,7 +17,7 @@ import torch
 from pipeline import PipelineError
 from pipeline.artifacts import SPLITS, Layout, not_found, read_table
 from pipeline.contracts import ModelConfig, RunRecord
-from pipeline.data import Mapped, SplitPixels
+from pipeline.data import NpyRows, SplitPixels
 from pipeline.mae import MaskedAutoencoderViT
 from pipeline.normalisation import Normalisation
 
@@ -50,11 +50,11 @@ def load_trained(layout: Layout) -> Trained:
 class Split:
     name: str
     records: pd.DataFrame  # row i describes pixel row i
-    data: SplitPixels  # the stored uint8 pixels, memory-mapped
+    data: SplitPixels  # the stored uint8 pixels, read by row
 
     @property
-    def pixels(self) -> Mapped:
-        """uint8 [N, H, W, C], memory-mapped: indexing reads only the rows asked for."""
+    def pixels(self) -> NpyRows:
+        """uint8 [N, H, W, C]: indexing reads only the rows asked for."""
         return self.data.pixels
 
     def __len__(self) -> int:
@@ -63,7 +63,7 @@ class Split:
 
 def load_split(layout: Layout, dataset: str, split: str, columns: list[str] | None = None) -> Split:
     """A split's records (only `columns`, when given: a record's every manifest field costs about 1.4 KB in pandas)
-    and its memory-mapped pixels."""
+    and its pixels, read by row."""
     table = read_table(layout.split_records(dataset, split), columns).reset_index(drop=True)
     return Split(split, table, SplitPixels(layout.split_pixels(dataset, split)))
 
@@ -77,8 +77,8 @@ def load_splits(layout: Layout, dataset: str, columns: list[str] | None = None) 
 
 
 def take(splits: list[Split], rows: np.ndarray) -> np.ndarray:
-    """Rows of the splits' pixels taken end to end (row len(splits[0]) is the second split's first), read from
-    their memory maps: the rest is never loaded."""
+    """Rows of the splits' pixels taken end to end (row len(splits[0]) is the second split's first), read by row:
+    the rest is never loaded."""
     sizes = np.array([len(split) for split in splits])
     which = np.searchsorted(np.cumsum(sizes), rows, side="right")
     taken = np.empty((len(rows), *splits[0].pixels.shape[1:]), dtype=np.uint8)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline import PipelineError
-from pipeline.data import Batches, Draws, Epochs, SplitPixels, augment, crop_box, loader, model_input, on_device
+from pipeline.data import (Batches, Draws, Epochs, NpyRows, SplitPixels, augment, crop_box, loader, model_input,
+                           on_device)
 from pipeline.evaluate import raw_pixel_rows, raw_pixels
 from pipeline.normalisation import Normalisation
 from pipeline.params import AugmentSettings, EvaluateSettings, load_params
@@ -47,6 +48,21 @@ def test_batches_come_out_uint8_in_order_for_evaluation(split):
     assert [len(b["rows"]) for b in rest] == [32, 6], "evaluation reads every row, in order"
     assert torch.equal(torch.cat([first["rows"], *(b["rows"] for b in rest)]), torch.arange(70))
     assert np.array_equal(first["pixels"].numpy(), np.load(split)[:32])
+
+
+def test_rows_read_from_files_end_to_end_are_numpy_s_rows(tmp_path):
+    parts = [np.random.default_rng(k).integers(0, 255, size=(n, 4, 4, 3), dtype=np.uint8)
+             for k, n in enumerate((7, 1, 12))]
+    paths = [tmp_path / f"part{k}.npy" for k in range(len(parts))]
+    for path, part in zip(paths, parts):
+        np.save(path, part)
+    whole, rows = np.concatenate(parts), NpyRows(paths)
+    assert rows.shape == whole.shape and rows.sizes == (7, 1, 12)
+    for index in (3, -1, slice(None), slice(5, 9), slice(18, 2, -3), [19, 0, 7, 7, 8, 1, 2, 3], np.arange(20)[::-2],
+                  np.array([], dtype=int), whole[:, 0, 0, 0] > 100):
+        assert np.array_equal(rows[index], whole[index]), index
+    with pytest.raises(IndexError):
+        rows[[20]]
 
 
 def test_a_pass_over_the_split_never_materialises_it(tmp_path):

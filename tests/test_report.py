@@ -165,6 +165,8 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     version = client.get_model_version("mae-encoder", release["model"]["version"])
     assert version.run_id == run_id
     assert version.tags["release.decision"] == "blocked" and version.tags["release.area.bias"] == "fail"
+    assert version.tags["git.commit"] == release["model"]["git_commit"]
+    assert version.tags["git.dirty"] == release["model"]["git_dirty"] in ("true", "false", "unknown")
     train_md5 = [k for k in version.tags if k.startswith("data.data/prepared/synthetic/train.npy")]
     assert train_md5, version.tags
     assert client.get_model_version_by_alias("mae-encoder", "candidate").version == version.version
