@@ -267,16 +267,16 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
     from evaluate.pool)."""
     attributes = [attr.name for attr in card.sensitive_attributes]
     tables, raw, sampled, reconstruction = [], {}, {}, {}
-    ends = np.cumsum([len(split) for split in splits.values()])
+    sizes = [len(split) for split in splits.values()]
+    first_rows = dict(zip(splits, (int(row) for row in np.cumsum(sizes) - sizes)))  # each split's in the files
     layout.embeddings_folder.mkdir(exist_ok=True)
     files = {kind: layout.embeddings_file(kind) for kind in ("mae", "random_init")}
-    shape = (int(ends[-1]), MAEEncoder(model, pool).width)
+    shape = (sum(sizes), MAEEncoder(model, pool).width)
     for path in files.values():  # made at full size, nothing written yet (`write_rows` fills them)
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
     for offset, (name, split) in enumerate(splits.items()):
-        first_row = int(ends[offset]) - len(split)
         measured = measure(model, baseline_model, split, normalisation, pool, device, settings, settings.seed + offset,
-                           files, first_row)
+                           files, first_rows[name])
         table = split.records[["record_id", "dataset", "domain", *attributes, "label"]].copy()
         table.insert(2, "split", name)
         table["recon_mse"] = measured["mse"]
@@ -300,8 +300,7 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
     def features(kind: str, name: str) -> np.ndarray:
         if kind == "raw_pixels":
             return raw[name].copy()
-        first_row = int(ends[list(splits).index(name)]) - len(splits[name])
-        return NpyRows(files[kind])[first_row:first_row + len(splits[name])]
+        return NpyRows(files[kind])[first_rows[name]:first_rows[name] + len(splits[name])]
 
     missing = labelled(card, splits["train"].records)
     if missing:

@@ -79,10 +79,4 @@ def load_splits(layout: Layout, dataset: str, columns: list[str] | None = None) 
 def take(splits: list[Split], rows: np.ndarray) -> np.ndarray:
     """Rows of the splits' pixels taken end to end (row len(splits[0]) is the second split's first), read by row:
     the rest is never loaded."""
-    sizes = np.array([len(split) for split in splits])
-    which = np.searchsorted(np.cumsum(sizes), rows, side="right")
-    taken = np.empty((len(rows), *splits[0].pixels.shape[1:]), dtype=np.uint8)
-    for k, (split, offset) in enumerate(zip(splits, np.cumsum(sizes) - sizes)):
-        mine = which == k
-        taken[mine] = split.pixels[rows[mine] - offset]
-    return taken
+    return NpyRows([path for split in splits for path in split.pixels.paths])[rows]
