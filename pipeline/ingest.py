@@ -195,7 +195,7 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
 
     out = layout.ingested(dataset)
     tmp = out.with_name(f".{dataset}.partial")
-    with engine(params.ingest, context) as run:
+    with engine(params.ingest, context, settings.image_size ** 2 * settings.channels) as run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:

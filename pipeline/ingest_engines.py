@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64  # items per pool task: amortises the hand-off to a worker over many small images
 IN_FLIGHT = 4  # chunks per worker submitted ahead of the writer
-RAY_BATCH = 256  # items per Ray task (one row): a Ray task costs more than a pool task, so fewer, larger ones
+RAY_TASK_ITEMS = 1024  # items per Ray task (one row), at most: a task costs Ray and the driver some 15 ms of CPU
+RAY_TASK_BYTES = 8 << 20  # pixel bytes a Ray task returns, at most: large images make smaller tasks
 RAY_WINDOW = 32_768  # items per Ray dataset; two in flight (about 50 MB each here) are the Ray engine's memory bound
 TCP_TIMEOUT = 3  # seconds for a TCP connection to $RAY_ADDRESS
 RAY_CONNECT_TIMEOUT = 15  # seconds for Ray to connect there: the stage ends within 30 s when no cluster answers
@@ -52,15 +53,15 @@ def worker_count(settings: IngestSettings) -> int:
 
 
 @contextmanager
-def engine(settings: IngestSettings, context: Context) -> Iterator[Engine]:
+def engine(settings: IngestSettings, context: Context, pixel_bytes: int) -> Iterator[Engine]:
     """The engine `ingest.engine` names, started here and stopped (workers terminated, a Ray started here shut
-    down) when the block ends, an interrupt included."""
+    down) when the block ends, an interrupt included. `pixel_bytes`: one accepted record's pixels."""
     workers = worker_count(settings)
     log.debug("ingest engine: %s", "Ray Data" if settings.engine == "ray" else
              "the stage's own process" if workers == 1 else f"a pool of {workers} processes")
     if settings.engine == "ray":
         with _ray(workers) as start:
-            yield lambda items: _ray_judged(items, context, start)
+            yield lambda items: _ray_judged(items, context, pixel_bytes, start)
     elif workers == 1:
         yield lambda items: (judge(item, context) for item in items)
     else:
@@ -135,7 +136,7 @@ def _reachable(address: str) -> None:
 
 
 @contextmanager
-def _ray(workers: int) -> Iterator[Callable[[], None]]:
+def _ray(workers: int) -> Iterator[Callable[[], int]]:
     """A function that starts a local Ray with `workers` CPUs, or connects to the cluster at $RAY_ADDRESS (its own
     CPUs; the pipeline package is shipped to its workers, so they run the driver's code); shut down, or
     disconnected from, when the block ends. An unreachable cluster is found here, before anything is read."""
@@ -148,7 +149,8 @@ def _ray(workers: int) -> Iterator[Callable[[], None]]:
     if address:
         _reachable(address)
 
-    def start() -> None:
+    def start() -> int:
+        """Ray started, and its CPUs."""
         if address:
             ray.init(address=address, runtime_env={"py_modules": [pipeline]}, **options)
         else:
@@ -160,29 +162,63 @@ def _ray(workers: int) -> Iterator[Callable[[], None]]:
         data.op_resource_reservation_enabled = False
         data.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
     try:
         yield start
     finally:
         if ray.is_initialized():
+            if not address:
+                _stop_monitor()
             ray.shutdown()
 
 
+def _stop_monitor() -> None:
+    """Ray's shutdown stops its GCS before its autoscaler monitor, whose SIGTERM handler then waits on the stopped
+    GCS until it is killed a second later (the order `ray stop` dropped in ray-project/ray#30672): a second of idle
+    machine at the end of every local run. Killed first, it exits at once; it holds nothing a local Ray needs. This reaches into Ray's internals,
+    so where they differ (another Ray version) Ray's own shutdown does it."""
+    try:
+        from ray._private import ray_constants, worker
+
+        worker._global_node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False)
+    except (ImportError, AttributeError, TypeError) as exc:
+        log.debug("Ray's monitor left to ray.shutdown: %s", exc)
+
+
 def _judge_chunks(batch: dict, context: Context) -> dict:
-    """A Ray task: each row a pickled chunk of items, judged into a pickled list (one pickle per chunk, as the pool
-    sends them, shares the source's settings between its items)."""
+    """A Ray task: each row a pickled chunk of items, judged into a pickled list."""
     import numpy as np
 
     return {"judged": np.array([pickle.dumps(judge_all(pickle.loads(chunk), context)) for chunk in batch["chunk"]],
                                dtype=object)}
 
 
-def _dataset(window: list[Item], context: Context):
-    """A window as a Ray dataset of one row per RAY_BATCH items, put into the object store now, run when read.
-    Rows are pickles in an Arrow binary column: Ray would first try, and fail, to convert items to Arrow types."""
+def task_items(pixel_bytes: int, cpus: int) -> int:
+    """Items per Ray task: as many as RAY_TASK_ITEMS and RAY_TASK_BYTES allow, and few enough that a window makes
+    four tasks a CPU (a cluster's CPUs all busy, and the next window started while the last tasks run)."""
+    return max(1, min(RAY_TASK_ITEMS, RAY_TASK_BYTES // max(pixel_bytes, 1), RAY_WINDOW // (4 * cpus)))
+
+
+def _rows(window: list[Item], size: int) -> list[dict]:
+    """A window as a dataset's rows: one pickled chunk of `size` items each (pickled once, as the pool sends them,
+    the items share the source's settings), in an Arrow binary column (Ray would first try, and fail, to convert
+    items to Arrow types)."""
+    return [{"chunk": pickle.dumps(chunk)} for chunk in chunks(window, size)]
+
+
+def _listed_first(windows: Iterator[list[Item]]) -> list[Item] | None:
+    """The first window, and Ray Data imported: a driver thread's work while Ray starts."""
+    window = next(windows, None)
+    import ray.data  # noqa: F401
+
+    return window
+
+
+def _dataset(rows: list[dict], context: Context):
+    """Rows as a Ray dataset of one block each, put into the object store now, run when read."""
     import ray
 
-    rows = [{"chunk": pickle.dumps(chunk)} for chunk in chunks(window, RAY_BATCH)]
     return ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _judge_chunks, fn_kwargs={"context": context}, batch_size=1, batch_format="numpy")
 
@@ -200,20 +236,27 @@ def _records(batches: Iterable[dict]) -> Iterator[Judged]:
             yield from pickle.loads(judged)
 
 
-def _ray_judged(items: Iterable[Item], context: Context, start: Callable[[], None]) -> Iterator[Judged]:
+def _ray_judged(items: Iterable[Item], context: Context, pixel_bytes: int,
+                start: Callable[[], int]) -> Iterator[Judged]:
     """Windows of RAY_WINDOW items, one Ray dataset each. Ray starts (`start`: its own processes' work, mostly) while
-    a thread lists the first window. Window k+1 is listed, pickled and put into the object store while window k
-    runs, and started once k is read back, so the workers wait for a dataset's start but not for the driver's
-    listing. (Running two datasets at once, tried, cost the driver several times its CPU.)"""
+    a driver thread lists the first window and imports Ray Data. Window k+1 is listed, pickled and put into the
+    object store while window k runs, and started when k has one batch a CPU left to read, so the workers go from
+    k's last tasks to k+1's without waiting for its start. (Two datasets running at once for longer, tried, cost
+    the driver several times its CPU.)"""
     windows = chunks(items, RAY_WINDOW)
     with ThreadPoolExecutor(1) as lister:
-        first = lister.submit(next, windows, None)
-        start()
+        first = lister.submit(_listed_first, windows)
+        cpus = start()
         window = first.result()
-    running: Iterable[dict] = ()
+    size = task_items(pixel_bytes, cpus)
+    running: Iterator[dict] = iter(())
+    left = 0  # batches of the running dataset not read yet
     while window is not None:
-        dataset = _dataset(window, context)
+        rows = _rows(window, size)
+        dataset = _dataset(rows, context)
+        yield from _records(islice(running, max(left - cpus, 0)))
+        following = _started(dataset)  # its first batch read
         yield from _records(running)
-        running = _started(dataset)
+        running, left = following, len(rows) - 1
         window = next(windows, None)
     yield from _records(running)

@@ -27,7 +27,7 @@ from tests.test_image_folder import GOOD, build_folder
 
 EXTRA = 120  # images beyond build_folder's, so the work spans many chunks and both workers
 CHUNK = 8  # items per task here, so duplicates fall in other chunks (and workers) than their originals
-RAY_BATCH, RAY_WINDOW = 8, 50  # items per Ray block and per Ray dataset here: many blocks, several datasets
+RAY_TASK_ITEMS, RAY_WINDOW = 8, 50  # items per Ray task (6 here: a window makes 4 tasks a CPU) and per dataset
 # the duplicates build_big_folder plants far from their originals, with the reason each must get
 PLANTED = {"late-copy": "duplicate_image", "extra-010": "duplicate_record_id", "rgb-again": "duplicate_image"}
 
@@ -59,7 +59,7 @@ def space(workspace: Workspace, monkeypatch) -> Workspace:
     shutil.copy(ROOT / "data_cards" / "examples" / "photos.yaml", workspace.root / "data_cards" / "photos.yaml")
     build_big_folder(workspace.root / "raw" / "photos")
     monkeypatch.setattr(ingest_engines, "CHUNK", CHUNK)
-    monkeypatch.setattr(ingest_engines, "RAY_BATCH", RAY_BATCH)
+    monkeypatch.setattr(ingest_engines, "RAY_TASK_ITEMS", RAY_TASK_ITEMS)
     monkeypatch.setattr(ingest_engines, "RAY_WINDOW", RAY_WINDOW)
     monkeypatch.chdir(workspace.root)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -137,6 +137,17 @@ def test_ray_engine_writes_the_outputs_of_the_process_pool(space: Workspace, tmp
         head.send_signal(signal.SIGTERM)  # `ray start --block` takes its node down with it
         head.wait(timeout=60)
     assert outputs(space, "synthetic") == pool["synthetic"]
+
+
+@pytest.mark.parametrize("pixel_bytes, cpus, expected", [
+    (32 * 32 * 3, 2, 1024),  # small images: as many as a task takes
+    (224 * 224 * 3, 2, 55),  # large ones: 8 MiB of pixels a task
+    (32 * 32 * 3, 64, 128),  # a cluster: four tasks a CPU in each window of 32,768
+    (1024 * 1024 * 3, 2, 2),
+    (4096 * 4096 * 3, 2, 1),
+])
+def test_ray_tasks_carry_up_to_1024_items_or_8_mib_and_fill_every_cpu(pixel_bytes: int, cpus: int, expected: int):
+    assert ingest_engines.task_items(pixel_bytes, cpus) == expected
 
 
 def test_dvc_reruns_ingest_for_every_key_but_how_it_runs():
