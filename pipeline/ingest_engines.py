@@ -162,6 +162,8 @@ def _ray(workers: int) -> Iterator[Callable[[], int]]:
         data.op_resource_reservation_enabled = False
         data.enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # the stage draws its own progress bar; Ray Data would warn, once a run, that its bars are off
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         return max(int(ray.cluster_resources().get("CPU", 1)), 1)
 
     try:
