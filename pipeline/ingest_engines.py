@@ -178,8 +178,8 @@ def _ray(workers: int) -> Iterator[Callable[[], int]]:
 def _stop_monitor() -> None:
     """Ray's shutdown stops its GCS before its autoscaler monitor, whose SIGTERM handler then waits on the stopped
     GCS until it is killed a second later (the order `ray stop` dropped in ray-project/ray#30672): a second of idle
-    machine at the end of every local run. Killed first, it exits at once; it holds nothing a local Ray needs. This reaches into Ray's internals,
-    so where they differ (another Ray version) Ray's own shutdown does it."""
+    machine at the end of every local run. Killed first, it exits at once; it holds nothing a local Ray needs. This
+    reaches into Ray's internals, so where they differ (another Ray version) Ray's own shutdown does it."""
     try:
         from ray._private import ray_constants, worker
 
