@@ -50,6 +50,36 @@ class MinDetectable(Contract):
     definition: str
 
 
+class OperatingPoint(Contract):
+    """The decision's chance of each outcome if the statistic's true value were `value`."""
+
+    label: str  # "no gap", "tolerance", "twice the tolerance" or "observed"
+    value: float
+    p_pass: float
+    p_fail: float
+
+
+class Needed(Contract):
+    """Images on each side (for a paired check: pairs) that would give the named outcome its target probability."""
+
+    sample: int
+    reference: int
+
+
+class Operating(Contract):
+    """What a decided check catches at its sizes (`audit.stats.operating`): P(pass) and P(fail) at no gap, at the
+    tolerance and at twice it, and the sizes for an 80% pass at no gap and an 80% fail at twice the tolerance."""
+
+    points: list[OperatingPoint]
+    standard_error: float
+    n_reference: int
+    n_sample: int
+    paired: bool
+    for_pass: Needed | None
+    for_fail: Needed | None
+    method: str
+
+
 class PowerPoint(Contract):
     share: float
     power: float | None
@@ -78,9 +108,10 @@ class Comparison(Contract):
     adjustment: Adjustment
     mc_error: Interval
     n_boot: int
+    interval_method: Literal["BCa", "percentile"]
     test: Literal["equivalence", "non-inferiority"]
     harmful: Literal["higher", "lower"]
-    min_detectable: MinDetectable
+    operating: Operating
     reason: str | None = None
 
 
@@ -106,7 +137,9 @@ class Check(Contract):
     adjustment: Adjustment | None = None
     mc_error: Interval | float | None = None  # a bound's pair, or a p-value's
     n_boot: int | None = None
-    min_detectable: MinDetectable | None = None
+    interval_method: Literal["BCa", "percentile"] | None = None
+    operating: Operating | None = None  # what the decision catches at these sizes
+    min_detectable: MinDetectable | None = None  # a drift test's detectable share
     # a permutation test
     p_value: float | None = None
     permutations: int | None = None
@@ -321,7 +354,6 @@ class MetricComparison(Contract):
     reference_reason: str | None = None
     comparisons: int = 0
     reference_value: float | None = None
-    required_group_size: int | None = None
 
 
 class GroupingReport(Contract):
@@ -461,7 +493,7 @@ class AreaStatus(Contract):
 
 
 class ReleasePolicy(Contract):
-    block_on: list[str]
+    block_on: dict[str, list[str]]  # status -> the check-id patterns it blocks
     advisory: list[str]
 
 

@@ -350,9 +350,20 @@ class MaxRegression(_Strict):
     memorization: float = Field(default=0.05, gt=0, description="growth of a memorization gap")
 
 
+# The checks that protect people, and the model's quality: absence of evidence does not approve them.
+PROTECTING = ["model.*", "bias.*", "shift.error.*", "shift.accuracy.*", "shift.corruptions", "memorization.*"]
+
+
+class BlockOn(_Strict):
+    """Per status, the check-id patterns that block the release with it."""
+
+    fail: list[str] = Field(default=["*"], description="checks a fail blocks")
+    inconclusive: list[str] = Field(default=PROTECTING, description="checks an inconclusive blocks")
+
+
 class ReportSettings(BootstrapSettings):
     registered_model: str = Field(default="mae-encoder", pattern=r"^[A-Za-z0-9_.-]+$")
-    block_on: list[Literal["fail", "inconclusive"]] = Field(default=["fail"], min_length=1)
+    block_on: BlockOn = BlockOn()
     advisory: list[str] = Field(default=[], description="check-id patterns reported but not blocking")
     max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1 (one-sided)")
     max_regression: MaxRegression = MaxRegression()

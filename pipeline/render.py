@@ -89,17 +89,32 @@ def _confidence(c: Check) -> str:
     return f"{c.confidence:.0%}"
 
 
+def operating_sentence(c: Check) -> str:
+    """What this decision catches at its sizes: P(pass) / P(fail) at each true value, and the sizes that would
+    settle it."""
+    if c.operating is None:
+        return ""
+    o = c.operating
+    points = "; ".join(f"{p.label} ({fmt(p.value, 3)}): P(pass) {fmt(p.p_pass, 3)}, P(fail) {fmt(p.p_fail, 3)}"
+                       for p in o.points)
+    sizes = []
+    if o.for_pass is not None:
+        sizes.append(f"80% pass at no gap needs {o.for_pass.sample} (reference {o.for_pass.reference})")
+    if o.for_fail is not None:
+        sizes.append(f"80% fail at twice the tolerance needs {o.for_fail.sample} (reference {o.for_fail.reference})")
+    size = f"{o.n_sample} against {o.n_reference}" + (" pairs" if o.paired else "")
+    return f"at {size}: {points}" + (f"; {'; '.join(sizes)}" if sizes else "")
+
+
 def _could_detect(c: Check) -> str:
-    """What the check could have found: the smallest effect it resolves with the target power, and for a drift
-    test that found nothing, the power at each simulated mixture share."""
+    """What the check catches: the decision's operating characteristics at its sizes, and for a drift test that
+    found nothing, the power at each simulated mixture share."""
     if c.power is not None:
         share = c.power.detectable_share
         curve = ", ".join(f"{p.share:.0%}: {fmt(p.power, 2)}" for p in c.power.curve)
         found = f"a {share:.0%} share of held-out-domain images" if share is not None else "no simulated share"
         return f"{found} (power by share: {curve})"
-    if c.min_detectable is not None:
-        return f"a difference of {fmt(c.min_detectable.value, 3)}"
-    return "—"
+    return operating_sentence(c) or "—"
 
 
 def evidence_table(checks: list[Check]) -> list[str]:
@@ -110,13 +125,13 @@ def evidence_table(checks: list[Check]) -> list[str]:
              fmt(c.mc_error, 4),
              f"{c.p_value:.4f}" + (f" (alpha {c.alpha})" if c.alpha else "") if c.p_value is not None else "—",
              _could_detect(c), text(c.reason or "")]
-            for c in checks if c.reference is not None or c.p_value is not None or c.min_detectable is not None]
+            for c in checks if c.reference is not None or c.p_value is not None or c.operating is not None]
     if not rows:
         return []
     return ["How each check was decided (MC error: the Monte-Carlo error of each bound or p-value, so a decision "
             "does not hang on the resampling seed; a bound within it of the threshold is inconclusive):", ""] + table(
         ["check", "reference", "test", "direction", "confidence", "resamples", "MC error", "p-value",
-         "what it could detect", "reason"], rows)
+         "what this decision catches at these sizes", "reason"], rows)
 
 
 def inconclusive_list(checks: list[Check]) -> list[str]:

@@ -1,5 +1,6 @@
 """The statistics every audit check shares: signed comparisons, equivalence decisions, Monte-Carlo error,
-decisions that do not depend on the resampling seed, and the smallest detectable difference."""
+decisions that do not depend on the resampling seed, and what each decision catches at its sizes (its operating
+characteristics), checked against simulations of the decision itself."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pipeline.audit.stats import (
     bound_mc_error,
     compare,
     decide,
+    operating,
     p_value_mc_error,
+    standard_error,
 )
 from pipeline.params import ReportSettings
 
@@ -75,13 +78,96 @@ def test_signed_intervals_of_equal_groups_reach_below_zero_and_pass_equivalence(
     assert result.reason is None
 
 
-def test_the_smallest_detectable_difference_matches_the_normal_formula():
+def test_the_standard_error_at_a_planted_gap_follows_the_normal_formulas():
     rng = np.random.default_rng(2)
     a, b = rng.normal(0.7, 0.2, 800), rng.normal(0.7, 0.3, 500)
-    result = compare(a, b, "difference", ACCURACY, SETTINGS, seed=0)
-    standard_error = np.sqrt(0.2 ** 2 / 800 + 0.3 ** 2 / 500)
-    assert result.min_detectable.value == pytest.approx((1.959964 + 0.841621) * standard_error, rel=0.1)
-    assert "80% power" in result.min_detectable.definition
+    assert standard_error(a, b, "difference", False, 0.3) == pytest.approx(
+        np.sqrt(a.var(ddof=1) / 800 + b.var(ddof=1) / 500))
+    hits, misses = np.ones(60), np.zeros(40)
+    reference = np.concatenate([hits, misses])  # accuracy 0.6: a planted gap of -0.1 has variance 0.5 x 0.5
+    assert standard_error(reference, reference, "difference", False, -0.1) == pytest.approx(
+        np.sqrt(0.24 / 99 * 100 / 100 * 100 / 100 + 0.25 / 100), rel=0.02)
+    errors = gamma(0.01, 400, rng)
+    at_zero = standard_error(errors, errors, "relative", False, 0.0)
+    assert standard_error(errors, errors, "relative", False, 1.0) == pytest.approx(2 * at_zero), \
+        "a ratio's error scales with the ratio"
+
+
+def test_operating_characteristics_state_the_gate_at_these_sizes():
+    """The issue's case: accuracy 0.5, 100 against 858 images, tolerance 0.05: a pass is out of reach, and a fail at
+    twice the tolerance is rare; the sizes that would change that are stated."""
+    rng = np.random.default_rng(3)
+    reference, sample = (rng.random(858) < 0.5).astype(float), (rng.random(100) < 0.5).astype(float)
+    result = operating(reference, sample, "difference", ACCURACY, 0.95, False, float(sample.mean() - reference.mean()))
+    points = {p.label: p for p in result.points}
+    assert [p.value for p in result.points] == [0.0, -0.05, -0.10]
+    assert points["no gap"].p_pass < 0.01
+    assert points["tolerance"].p_fail == pytest.approx(0.025, abs=0.003), "at the tolerance: the interval's tail"
+    assert 0.05 < points["twice the tolerance"].p_fail < 0.25
+    assert result.for_pass.sample > 1000 and result.for_pass.reference == pytest.approx(
+        result.for_pass.sample * 8.58, rel=0.01)
+    assert result.for_fail.sample < result.for_pass.sample
+    superiority = operating(reference, sample, "difference", Criterion(0.0, "lower", equivalence=False), 0.95,
+                            False, 0.1)
+    assert [p.label for p in superiority.points] == ["no gap", "observed"] and superiority.for_pass is None
+
+
+def simulated(reference_draw, sample_draw, statistic: str, criterion: Criterion, settings, replications: int,
+              paired: bool = False) -> dict[str, float]:
+    """The share of each outcome of `compare` itself over fresh samples of the same populations."""
+    outcomes = [compare(reference_draw(np.random.default_rng([7, r])), sample_draw(np.random.default_rng([8, r])),
+                        statistic, criterion, settings, seed=r, paired=paired).status for r in range(replications)]
+    return {status: outcomes.count(status) / replications for status in ("pass", "fail")}
+
+
+def close(predicted: float, observed: float, replications: int) -> bool:
+    """Within three binomial standard errors of the simulation, and 0.04 for the approximation itself."""
+    return abs(predicted - observed) <= 3 * np.sqrt(max(predicted * (1 - predicted), 0.01) / replications) + 0.04
+
+
+# the decision as it runs, but for a lower cap on the resamples (a bound within its Monte-Carlo error of the threshold
+# is inconclusive, which the approximation leaves out: the cap keeps that band narrow)
+FAST = ReportSettings(max_memorization_gap=0.25, n_boot=500, max_n_boot=8000)
+REPLICATIONS = 100
+
+
+@pytest.mark.parametrize("n_reference,n_sample", [(858, 100), (479, 479)])
+def test_stated_operating_characteristics_agree_with_simulations_of_the_accuracy_decision(n_reference, n_sample):
+    """Accuracy 0.5 in the reference; the sample's true accuracy planted at no gap, the tolerance and twice it. The
+    probabilities `operating` states from one run's values are what repeated runs of the decision show."""
+    one = np.random.default_rng(11)
+    reference, sample = (one.random(n_reference) < 0.5).astype(float), (one.random(n_sample) < 0.5).astype(float)
+    stated = operating(reference, sample, "difference", ACCURACY, 0.95, False, 0.0)
+    for point in stated.points:
+        shown = simulated(lambda rng: (rng.random(n_reference) < 0.5).astype(float),
+                          lambda rng, v=point.value: (rng.random(n_sample) < 0.5 + v).astype(float),
+                          "difference", ACCURACY, FAST, REPLICATIONS)
+        assert close(point.p_fail, shown["fail"], REPLICATIONS), (point, shown)
+        assert close(point.p_pass, shown["pass"], REPLICATIONS), (point, shown)
+
+
+def test_stated_operating_characteristics_agree_with_simulations_of_a_relative_error_decision():
+    """Reconstruction errors (gamma, skewed) of 400 against 150 images, equivalence at ±0.10 on error ratio - 1."""
+    one = np.random.default_rng(12)
+    reference, sample = gamma(0.01, 400, one), gamma(0.01, 150, one)
+    stated = operating(reference, sample, "relative", EQUIVALENCE, 0.95, False, 0.0)
+    for point in stated.points:
+        shown = simulated(lambda rng: gamma(0.01, 400, rng), lambda rng, v=point.value: gamma(0.01 * (1 + v), 150, rng),
+                          "relative", EQUIVALENCE, FAST, REPLICATIONS)
+        assert close(point.p_fail, shown["fail"], REPLICATIONS), (point, shown)
+        assert close(point.p_pass, shown["pass"], REPLICATIONS), (point, shown)
+
+
+def test_a_small_skewed_group_keeps_its_coverage():
+    """Memorization's case: a ratio of mean errors over 100 unseen against 200 training images of one group, errors
+    skewed (log-normal). The interval (BCa at these sizes) covers the true ratio in at least 93% of samples."""
+    replications, covered = 300, 0
+    for r in range(replications):
+        rng = np.random.default_rng([13, r])
+        result = compare(rng.lognormal(0, 0.6, 200), rng.lognormal(0, 0.6, 100), "relative", ONE_SIDED, FAST, seed=r)
+        covered += result.interval[0] <= 0 <= result.interval[1]
+    assert result.interval_method == "BCa"
+    assert covered / replications >= 0.93
 
 
 BORDERLINE_SEEDS = range(10)
@@ -119,7 +205,7 @@ def test_a_bound_on_the_threshold_is_inconclusive_under_every_seed_and_says_why(
 
 def test_a_statistic_undefined_on_its_resamples_is_inconclusive_not_an_error():
     result = compare(np.zeros(40), np.ones(40), "relative", EQUIVALENCE, SETTINGS, seed=0)
-    assert result.status == "inconclusive" and result.min_detectable.value is None
+    assert result.status == "inconclusive" and result.operating.for_pass is None
     assert "undefined" in result.reason and result.n_boot == SETTINGS.n_boot
 
 

@@ -2,14 +2,18 @@
 
 For each sensitive attribute of the card, and each intersection of two or more of them, fairlearn's
 MetricFrame computes per-group reconstruction error and probe / kNN accuracy on images the model never
-saw (audit_bias.splits), with bootstrap intervals. Each group is then compared with a reference group (the
-one audit_bias.reference_groups names, else the best-served) by a signed statistic: error / the reference's
-- 1 and accuracy - the reference's, bootstrapped with each group resampled on its own (pipeline.audit.stats).
-A check passes when its interval lies within ±tolerance (an equivalence test), fails when it lies wholly
-beyond the tolerance in the harmful direction, and is inconclusive otherwise; with more than one comparison
-per metric and grouping the confidence is adjusted (audit_bias.adjustment). Groups smaller than
-audit_bias.min_group_size are reported as "insufficient data" with their count only, never with values that
-could single people out, along with the group size that would detect the threshold gap.
+saw (audit_bias.splits), with bootstrap intervals. Each group is then compared with a reference fixed before
+looking at the data: the group audit_bias.reference_groups names, else the pooled rest (every other group of
+the grouping). Picking the best-served group from the same data would bias the comparison (family-wise coverage
+0.91 with three groups) and change the check ids from one version to the next; against the pooled rest every
+group has its own check, `bias.<metric>.<grouping>=<group>`, whichever group is best served. The statistic is
+signed: error / the reference's - 1 and accuracy - the reference's, bootstrapped with each side resampled on its
+own (pipeline.audit.stats). A check passes when its interval lies within ±tolerance (an equivalence test), fails
+when it lies wholly beyond the tolerance in the harmful direction, and is inconclusive otherwise. With more than
+two groups the confidence is adjusted over the groups compared (audit_bias.adjustment); with two, the two checks
+are one comparison seen from either side (each group against the other), so the confidence is not divided.
+Groups smaller than audit_bias.min_group_size are reported as "insufficient data" with their count only, never
+with values that could single people out, along with the images that would settle the check.
 Representation: each group's share of the training data against the card's target population share.
 """
 
@@ -25,7 +29,7 @@ import pandas as pd
 from pipeline import PipelineError
 from pipeline.artifacts import BIAS, Layout
 from pipeline.audit import overall_status, publish
-from pipeline.audit.stats import Criterion, adjusted_confidence, compare
+from pipeline.audit.stats import Criterion, adjusted_confidence, compare, operating, settle_sentence
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import (
     BiasResult,
@@ -72,31 +76,26 @@ def group_labels(samples: pd.DataFrame, grouping: tuple[str, ...]) -> pd.Series:
     return samples[list(grouping)].astype(str).agg(" & ".join, axis=1).rename(" x ".join(grouping))
 
 
-def required_group_size(std: float, effect: float, confidence: float, power: float) -> int | None:
-    """Per-group sample size for a two-sided test at `confidence` to detect a difference `effect` in means
-    with the given power (normal approximation, equal groups)."""
-    from scipy.stats import norm
-
-    if not effect > 0 or not np.isfinite(std):
-        return None
-    z = norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)
-    return int(np.ceil(2 * (std * z / effect) ** 2))
-
-
 def _metric(values: np.ndarray):
     """A MetricFrame metric over row positions (y_true), so one bootstrap serves every metric."""
     return lambda rows, _unused: float(np.nanmean(values[np.asarray(rows, dtype=int)]))
 
 
-def reference_group(by_group: pd.Series, grouping: tuple[str, ...], lower_is_better: bool,
-                    named: dict[str, str]) -> tuple[str | None, str]:
-    """The group every other is compared with, and why: the one params name for each attribute of the
-    grouping, else the best-served group by its point value (`by_group`: the groups large enough to measure)."""
+REST = "the other groups"
+
+
+def reference_group(grouping: tuple[str, ...], named: dict[str, str]) -> tuple[str, str]:
+    """The reference every group is compared with, and why: the group params name for each attribute of the
+    grouping, else the pooled rest of the groups (never one chosen from the data)."""
     if all(attr in named for attr in grouping):
         return " & ".join(named[attr] for attr in grouping), "named in audit_bias.reference_groups"
-    if by_group.empty:
-        return None, "no group is large enough to serve as the reference"
-    return str(by_group.idxmin() if lower_is_better else by_group.idxmax()), "best-served group"
+    return REST, "pooled: each group against every other group of the grouping (declared, not chosen from the data)"
+
+
+def comparisons_in(compared: int, reference: str) -> int:
+    """The comparisons a family's confidence is divided over: against the pooled rest, two groups make one
+    comparison seen from both sides."""
+    return 1 if reference == REST and compared == 2 else compared
 
 
 def audit_grouping(samples: pd.DataFrame, grouping: tuple[str, ...], metrics: list[str],
@@ -119,7 +118,7 @@ def audit_grouping(samples: pd.DataFrame, grouping: tuple[str, ...], metrics: li
             n_boot=settings.n_boot, ci_quantiles=[alpha / 2, 1 - alpha / 2], random_state=settings.seed)
     entries, checks = {}, []
     for metric in metrics:
-        entries[metric], metric_checks = _metric_result(frame, metric, grouping, kept, kept_labels, counts, enough,
+        entries[metric], metric_checks = compare_groups(frame, metric, grouping, kept, kept_labels, counts, enough,
                                                         settings)
         checks += metric_checks
     report = GroupingReport(grouping=list(grouping), counts={str(k): int(v) for k, v in counts.items()},
@@ -127,8 +126,10 @@ def audit_grouping(samples: pd.DataFrame, grouping: tuple[str, ...], metrics: li
     return report, checks
 
 
-def _metric_result(frame, metric, grouping, kept, kept_labels, counts, enough,
+def compare_groups(frame, metric, grouping, kept, kept_labels, counts, enough,
                    settings: BiasSettings) -> tuple[MetricComparison, list[Check]]:
+    """One metric of one grouping: each group against the reference. `frame` (fairlearn's MetricFrame with its
+    per-group intervals, the costly part) may be None where only the checks are wanted."""
     name = " x ".join(grouping)
     column, lower_is_better = METRICS[metric]
     threshold = settings.max_relative_error_gap if lower_is_better else settings.max_accuracy_gap
@@ -139,52 +140,92 @@ def _metric_result(frame, metric, grouping, kept, kept_labels, counts, enough,
                   detail=f"{BIAS}/bias.md#{anchor(name)}")
     described = dict(statistic=statistic, threshold=threshold, test=criterion.test, harmful=criterion.harmful)
     values = kept[column].to_numpy(dtype=np.float64)
-    spread = float(np.nanstd(values)) if len(values) else float("nan")
     groups = {str(g): GroupValue(count=int(c), status="insufficient data") for g, c in counts.items()
               if g not in enough}
     if len(counts) < 2:
         check = Check(id=f"bias.{metric}.{name}", status="inconclusive",
                       reason="fewer than two groups among the evaluated images: nothing to compare", **common)
         return MetricComparison(groups=groups, **described), [check]
-    by_group, overall, overall_interval = pd.Series(dtype=float), None, None
+    overall, overall_interval = None, None
     if frame is not None:
-        by_group = frame.by_group[metric]
         low, high = frame.by_group_ci[0][metric], frame.by_group_ci[1][metric]
         overall = float(frame.overall[metric])
         overall_interval = tuple(float(v[metric]) for v in frame.overall_ci)
-        for group, value in by_group.items():
+        for group, value in frame.by_group[metric].items():
             groups[str(group)] = GroupValue(count=int(counts[group]), status="ok", value=float(value),
                                             interval=(float(low[group]), float(high[group])))
-    reference, why = reference_group(by_group, grouping, lower_is_better, settings.reference_groups)
-    compared = [g for g in enough if g != reference] if reference in enough else []
-    reference_value = float(by_group[reference]) if reference in enough else None
-    effect = threshold * reference_value if lower_is_better and reference_value else threshold
-    confidence = adjusted_confidence(settings.confidence, len(compared), settings.adjustment)
-    needed = required_group_size(spread, effect, confidence, settings.power)
+    reference, why = reference_group(grouping, settings.reference_groups)
+    labels = kept_labels.to_numpy()
+    compared = [g for g in enough if g != reference]
+    comparisons = comparisons_in(len(compared), reference)
+    confidence = adjusted_confidence(settings.confidence, comparisons, settings.adjustment)
+    reference_value = float(np.nanmean(values[labels == reference])) if reference in enough else None
     checks = []
     for position, group in enumerate(counts.index):
         if group == reference:
             continue
-        fields = dict(id=f"bias.{metric}.{name}={group}", group=str(group), reference=reference, **common)
+        fields = dict(id=f"bias.{metric}.{name}={group}", group=str(group),
+                      reference=reference if reference != REST else f"{REST} ({name} != {group})", **common)
+        others = values[labels != group] if reference == REST else values[labels == reference]
         if group not in enough:
+            sizing = operating(others, others, kind, criterion, confidence, False, 0.0) if len(others) > 1 else None
+            settle = settle_sentence(sizing)
             checks.append(Check(status="inconclusive", **fields,
                                 reason=f"insufficient data: {int(counts[group])} samples, fewer than "
-                                       f"{settings.min_group_size}; about {needed if needed else '—'} per group "
-                                       "would detect a gap at the tolerance"))
-        elif reference not in enough:
+                                       f"{settings.min_group_size}" + (f"; {settle}" if settle else "")))
+        elif reference != REST and reference not in enough:
             checks.append(Check(status="inconclusive", **fields, reason=f"the reference group {reference} has fewer "
                                                                         f"than {settings.min_group_size} samples"))
+        elif len(others) < 2:
+            checks.append(Check(status="inconclusive", **fields, reason=f"no other group has {settings.min_group_size} "
+                                                                        "samples or more: nothing to compare with"))
         else:
-            comparison = compare(values[(kept_labels == reference).to_numpy()],
-                                 values[(kept_labels == group).to_numpy()], kind, criterion, settings,
-                                 seed=[settings.seed, position], comparisons=len(compared),
+            comparison = compare(others, values[labels == group], kind, criterion, settings,
+                                 seed=[settings.seed, position], comparisons=comparisons,
                                  adjustment=settings.adjustment)
             checks.append(Check.decided(comparison, **fields))
-            groups[str(group)] = groups[str(group)].model_copy(update=dict(
+            measured = groups.get(str(group), GroupValue(count=int(counts[group]), status="ok"))
+            groups[str(group)] = measured.model_copy(update=dict(
                 vs_reference=comparison.value, vs_reference_interval=comparison.interval, decision=comparison.status))
     return MetricComparison(groups=groups, overall=overall, overall_interval=overall_interval, reference=reference,
-                            reference_reason=why, comparisons=len(compared), reference_value=reference_value,
-                            required_group_size=needed, **described), checks
+                            reference_reason=why, comparisons=comparisons, reference_value=reference_value,
+                            **described), checks
+
+
+def unpassable(unseen: pd.DataFrame, groupings_: list[tuple[str, ...]], metrics: list[str],
+               settings: BiasSettings) -> list[str]:
+    """One line per check that cannot pass at these sizes (its interval would be wider than ±tolerance even with
+    no gap), naming the images it would need: said before the audit spends its time, since such params can only
+    give inconclusive or fail."""
+    lines = []
+    for grouping in groupings_:
+        labels = group_labels(unseen, grouping).to_numpy()
+        counts = pd.Series(labels).value_counts()
+        enough = [g for g in sorted(counts.index) if counts[g] >= max(settings.min_group_size, 2)]
+        reference, _ = reference_group(grouping, settings.reference_groups)
+        compared = [g for g in enough if g != reference]
+        confidence = adjusted_confidence(settings.confidence, comparisons_in(len(compared), reference),
+                                         settings.adjustment)
+        for metric in metrics:
+            column, lower_is_better = METRICS[metric]
+            values = unseen[column].to_numpy(dtype=np.float64)
+            kind = "relative" if lower_is_better else "difference"
+            criterion = Criterion(settings.max_relative_error_gap if lower_is_better else settings.max_accuracy_gap,
+                                  "higher" if lower_is_better else "lower")
+            for group in compared:
+                others = values[labels != group] if reference == REST else values[labels == reference]
+                mine = values[labels == group]
+                others, mine = others[~np.isnan(others)], mine[~np.isnan(mine)]
+                if min(len(others), len(mine)) < 2:
+                    continue
+                sizing = operating(others, mine, kind, criterion, confidence, False, 0.0)
+                if sizing.points[0].p_pass < 0.01:
+                    need = sizing.for_pass
+                    lines.append(f"bias.{metric}.{' x '.join(grouping)}={group} cannot pass at these sizes "
+                                 f"({len(mine)} against {len(others)} images: its {confidence:.2%} interval is wider "
+                                 f"than ±{criterion.threshold}); an 80% pass at no gap needs about "
+                                 + (f"{need.sample} against {need.reference}" if need else "more than can be had"))
+    return lines
 
 
 def representation(train: pd.DataFrame, card: DataCard,
@@ -224,6 +265,8 @@ def audit(samples: pd.DataFrame, card: DataCard, settings: BiasSettings) -> Bias
     attributes = [attr.name for attr in card.sensitive_attributes]
     unseen = samples[samples["split"].isin(settings.splits)].reset_index(drop=True)
     metrics = [m for m in METRICS if unseen[METRICS[m][0]].notna().any()]
+    for line in unpassable(unseen, groupings(attributes), metrics, settings):
+        log.warning("%s", line)
     reports, checks = {}, []
     for grouping in groupings(attributes):
         reports[" x ".join(grouping)], found = audit_grouping(unseen, grouping, metrics, settings)
@@ -247,14 +290,16 @@ def markdown(result: BiasResult) -> str:
     level = f"{result.confidence:.0%}"
     lines = [f"# Bias audit: {text(result.dataset)}", "",
              f"**Status: {result.status.upper()}** — {result.evaluated} unseen images "
-             f"(splits {', '.join(result.splits)}). Each group is compared with a reference group (named in "
-             "params, else the best-served) by a signed difference with a bootstrap interval, each group resampled "
-             f"on its own; {level} confidence per metric and grouping, {result.adjustment}-adjusted over its "
-             f"comparisons. Resamples start at {result.n_boot} and double, up to {result.max_n_boot}, while a "
+             f"(splits {', '.join(result.splits)}). Each group is compared with a reference declared before the data "
+             "was seen (the group named in params, else the pooled other groups) by a signed difference with a "
+             "bootstrap interval (BCa), each side resampled on its own; "
+             f"{level} confidence per metric and grouping, {result.adjustment}-adjusted over its comparisons. "
+             f"Resamples start at {result.n_boot} and double, up to {result.max_n_boot}, while a "
              "bound lies within its Monte-Carlo error (half-width of its 99.9% Monte-Carlo interval) of a "
              "tolerance. A check passes when its whole interval lies within ±tolerance, fails when it lies wholly "
-             "beyond the tolerance in the harmful direction, and is inconclusive otherwise. The smallest detectable "
-             f"gap is the true gap the interval would tell from none with {result.power:.0%} power.", ""]
+             "beyond the tolerance in the harmful direction, and is inconclusive otherwise. Each check states what "
+             "this decision catches at its sizes: P(pass) and P(fail) if the true gap were none, the tolerance, and "
+             "twice the tolerance.", ""]
     if result.note:
         lines += [text(result.note), ""]
     skipped = [f"- {metric}: skipped ({reason})" for metric, reason in result.skipped_metrics.items()]
@@ -272,9 +317,7 @@ def markdown(result: BiasResult) -> str:
                 continue
             lines += [f"Overall {fmt(entry.overall)} {fmt(entry.overall_interval)}; reference "
                       f"{text(entry.reference or '—')} ({entry.reference_reason}) {fmt(entry.reference_value)}; "
-                      f"{entry.comparisons} comparison(s), {entry.statistic}, {entry.harmful} is worse. Detecting a "
-                      f"gap at the tolerance ({entry.threshold}) with {level} confidence needs about "
-                      f"{fmt(entry.required_group_size)} samples per group.", ""]
+                      f"{entry.comparisons} comparison(s), {entry.statistic}, {entry.harmful} is worse.", ""]
             lines += table(["group", "n", "value", "interval", "against the reference", "interval", "decision"],
                            [[text(group), item.count, "insufficient data", "", "", "", ""] if item.status != "ok" else
                             [text(group), item.count, fmt(item.value), fmt(item.interval), fmt(item.vs_reference),

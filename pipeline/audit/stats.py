@@ -1,9 +1,13 @@
 """Statistics every audit check shares, so bias, shift and memorization decide the same way.
 
 - `compare`: a signed statistic of a sample against a stated reference (difference, relative difference or ratio
-  of means), with a percentile bootstrap interval (each side resampled on its own, or, for paired measurements of
-  the same units, the pairs resampled together), adjusted for multiple comparisons. It is the one bootstrap of a
-  difference in the pipeline: bias, shift (domains and corruptions) and memorization all call it.
+  of means), with a bootstrap interval (each side resampled on its own, or, for paired measurements of the same
+  units, the pairs resampled together), adjusted for multiple comparisons. The interval is BCa (bias-corrected and
+  accelerated) while every side holds at most `BCA_MAX_N` values: a ratio of means over a group of a hundred
+  images is skewed, and the percentile interval then covers 0.91-0.92 where BCa keeps 0.93 or more
+  (tests/test_stats.py); above that the percentile interval, whose coverage is nominal at such sizes and whose
+  cost stays linear (BCa's jackknife is quadratic). It is the one bootstrap of a difference in the pipeline:
+  bias, shift (domains and corruptions), memorization and the model-quality checks all call it.
 - `decide`: an equivalence test (pass only when the whole interval lies within ±threshold) or a one-sided
   non-inferiority test (where doing better is no harm); fail only when the whole interval lies beyond the
   threshold in the harmful direction; otherwise inconclusive.
@@ -11,7 +15,11 @@
   Monte-Carlo error follows from the binomial distribution of its rank. When a bound lies within that error
   of a threshold (another resampling seed could decide differently), the resamples are doubled up to a cap;
   a bound still that close leaves the check inconclusive, with a reason that says so.
-- `min_detectable`: the smallest true difference the sample could tell from none, for checks that found nothing.
+- `operating`: what the decision itself catches at these sizes: P(fail) and P(pass) if the true statistic were
+  at no gap, at the tolerance and at twice it, and the images that an 80% pass at no gap and an 80% fail at twice
+  the tolerance would need. A normal approximation to the decision (the interval as estimate ± z x standard
+  error, the standard error from the run's own per-record values planted at each gap); tests/test_stats.py
+  checks it against simulations of `compare` itself.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 
 from pipeline.contracts import Adjustment as AdjustmentInfo
-from pipeline.contracts import Comparison, MinDetectable
+from pipeline.contracts import Comparison, Needed, Operating, OperatingPoint
 from pipeline.params import Adjustment, BootstrapSettings
 
 MC_LEVEL = 0.999  # the Monte-Carlo error of a bound: the half-width of its 99.9% Monte-Carlo interval
+BCA_MAX_N = 5000  # BCa intervals while every side holds at most this many values (its jackknife is quadratic)
+TARGET = 0.8  # the probability of the intended outcome that the sizes `operating` names would give
 
 
 def _difference(reference, sample, axis=-1):
@@ -142,22 +152,141 @@ def inconclusive_reason(low: float, high: float, errors: Sequence[float], criter
             "more data would decide")
 
 
-def min_detectable(distribution: np.ndarray, confidence: float, power: float) -> float:
-    """(z at the two-sided confidence + z at the power) x the bootstrap standard error."""
-    from scipy.stats import norm
+# ---------------------------------------------------------------- what the decision catches at these sizes
 
-    z = norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)
-    return float(z * np.std(distribution, ddof=1))
+NO_GAP = {"difference": 0.0, "relative": 0.0, "ratio": 1.0}
+
+
+def _binary(values: np.ndarray) -> bool:
+    return bool(len(values)) and bool(np.isin(values, (0.0, 1.0)).all())
+
+
+def standard_error(reference: np.ndarray, sample: np.ndarray, statistic: str, paired: bool, value: float) -> float:
+    """The standard error of `statistic` if its true value were `value`, from the run's own per-record values with
+    the sample planted at that value: shifted (a difference of means; 0/1 values keep a binomial variance at the
+    planted rate) or scaled (a ratio of means, whose coefficients of variation a scaling keeps: the delta method).
+    Paired values are planted the same way on the sample side and keep their pairing."""
+    n_ref, n = len(reference), len(sample)
+    if n < 2 or n_ref < 2:
+        return math.nan
+    if statistic == "difference":
+        if paired:
+            return float(np.std(sample - reference, ddof=1) / math.sqrt(n))
+        var_sample = float(np.var(sample, ddof=1))
+        if _binary(sample) and _binary(reference):
+            rate = min(max(float(reference.mean()) + value, 0.0), 1.0)
+            var_sample = rate * (1 - rate)
+        return math.sqrt(np.var(reference, ddof=1) / n_ref + var_sample / n)
+    ratio = value + 1 if statistic == "relative" else value
+    mean_ref, mean_sample = float(reference.mean()), float(sample.mean())
+    if not mean_ref or not mean_sample:
+        return math.nan
+    if paired:
+        planted = sample * (ratio * mean_ref / mean_sample)
+        return float(np.std(planted - ratio * reference, ddof=1) / (math.sqrt(n) * abs(mean_ref)))
+    cv_ref, cv_sample = np.std(reference, ddof=1) / mean_ref, np.std(sample, ddof=1) / mean_sample
+    return float(abs(ratio) * math.sqrt(cv_ref ** 2 / n_ref + cv_sample ** 2 / n))
+
+
+def outcome_probabilities(value: float, error: float, criterion: Criterion, z: float) -> tuple[float, float]:
+    """(P(pass), P(fail)) of `decide` on the interval estimate ± z x error, the estimate normal around `value`."""
+    from scipy.special import ndtr  # the normal CDF, without scipy.stats' per-call overhead
+
+    if not error > 0:
+        return math.nan, math.nan
+    harm = value if criterion.harmful == "higher" else -value
+    t = criterion.threshold
+    p_fail = float(ndtr((harm - t) / error - z))
+    p_pass = float(ndtr((t - harm) / error - z))
+    if criterion.equivalence:
+        p_pass = max(p_pass - float(ndtr((-t - harm) / error + z)), 0.0)
+    return p_pass, p_fail
+
+
+def gaps(statistic: str, criterion: Criterion, observed: float) -> list[tuple[str, float]]:
+    """The true values the operating characteristics are stated at: no gap, the tolerance and twice it in the
+    harmful direction; a check whose tolerance is no gap at all (beating a baseline) is stated at no gap and at
+    the value observed."""
+    null = NO_GAP[statistic]
+    sign = 1 if criterion.harmful == "higher" else -1
+    at = criterion.threshold if statistic == "ratio" else null + sign * criterion.threshold
+    if at == null:
+        return [("no gap", null), ("observed", observed)]
+    return [("no gap", null), ("tolerance", at), ("twice the tolerance", null + 2 * (at - null))]
+
+
+def _scale_for(probability, target: float) -> float | None:
+    """The smallest factor k on every side's size with probability(k) >= target (bisection on log k)."""
+    low, high = 1e-3, 1e5
+    if not probability(high) >= target:
+        return None
+    if probability(low) >= target:
+        return low
+    for _ in range(60):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if probability(middle) >= target else (middle, high)
+    return high
+
+
+def operating(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion: Criterion, confidence: float,
+              paired: bool, observed: float) -> Operating:
+    """What this decision catches at these sizes (see the module docstring): P(pass) and P(fail) at each of
+    `gaps`, and the sizes for a TARGET pass at no gap and a TARGET fail at twice the tolerance, every side scaled
+    alike (for a paired check, the pairs)."""
+    from scipy.special import ndtri
+
+    z = float(ndtri((1 + confidence) / 2))
+    points = []
+    for label, value in gaps(statistic, criterion, observed):
+        p_pass, p_fail = outcome_probabilities(value, standard_error(reference, sample, statistic, paired, value),
+                                               criterion, z)
+        points.append(OperatingPoint(label=label, value=value, p_pass=p_pass, p_fail=p_fail))
+
+    def needed(value: float, index: int) -> Needed | None:
+        error = standard_error(reference, sample, statistic, paired, value)
+        scale = _scale_for(lambda k: outcome_probabilities(value, error / math.sqrt(k), criterion, z)[index], TARGET)
+        if scale is None or math.isnan(error):
+            return None
+        return Needed(sample=math.ceil(scale * len(sample)), reference=math.ceil(scale * len(reference)))
+
+    labels = dict(gaps(statistic, criterion, observed))
+    return Operating(
+        points=points, standard_error=standard_error(reference, sample, statistic, paired, observed),
+        n_reference=len(reference), n_sample=len(sample), paired=paired,
+        for_pass=needed(labels["no gap"], 0) if "tolerance" in labels else None,
+        for_fail=needed(labels["twice the tolerance"], 1) if "tolerance" in labels else None,
+        method=f"normal approximation to this decision: the {confidence:.2%} interval as estimate ± {z:.3f} x "
+               "standard error, the estimate normal around the true value; the standard error from this run's "
+               "per-record values with the sample planted at each true value (shifted for a difference, scaled for "
+               "a ratio); sizes scale every side alike. Checked against simulations of the decision in "
+               "tests/test_stats.py")
+
+
+def settle_sentence(operating: Operating | None) -> str:
+    """One sentence on what would settle an inconclusive check."""
+    if operating is None or (operating.for_pass is None and operating.for_fail is None):
+        return ""
+    parts = []
+    if operating.for_pass is not None:
+        parts.append(f"{operating.for_pass.sample} images on the compared side (reference {operating.for_pass.reference}) "
+                     f"would pass it with {TARGET:.0%} probability if there were no gap")
+    if operating.for_fail is not None:
+        parts.append(f"{operating.for_fail.sample} (reference {operating.for_fail.reference}) would fail it with "
+                     f"{TARGET:.0%} probability at twice the tolerance")
+    return "; ".join(parts) + f" (now {operating.n_sample} and {operating.n_reference})"
 
 
 def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion: Criterion,
             settings: BootstrapSettings, seed: int | Sequence[int], comparisons: int = 1,
             adjustment: Adjustment = "none", paired: bool = False) -> Comparison:
     """`statistic` ("difference": mean(sample) - mean(reference); "relative": mean(sample) / mean(reference) - 1;
-    "ratio": mean(sample) / mean(reference)) with a percentile bootstrap interval at the confidence adjusted for
-    `comparisons`, decided against `criterion`. Each side is resampled on its own, unless `paired` (sample[i] and
-    reference[i] measure the same unit, which is then resampled as a pair). Resamples start at settings.n_boot
-    and double while a bound sits within its Monte-Carlo error of the threshold, up to settings.max_n_boot."""
+    "ratio": mean(sample) / mean(reference)) with a bootstrap interval (BCa, or percentile above BCA_MAX_N values
+    a side) at the confidence adjusted for `comparisons`, decided against `criterion`. Each side is resampled on
+    its own, unless `paired` (sample[i] and reference[i] measure the same unit, which is then resampled as a pair).
+    Resamples start at settings.n_boot and double while a bound sits within its Monte-Carlo error of the threshold,
+    up to settings.max_n_boot."""
+    import warnings
+
     from scipy.stats import bootstrap
 
     reference = np.asarray(reference, dtype=np.float64)
@@ -169,31 +298,34 @@ def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion
         reference, sample = reference[~np.isnan(reference)], sample[~np.isnan(sample)]
     function = STATISTICS[statistic]
     confidence = adjusted_confidence(settings.confidence, comparisons, adjustment)
-    quantiles = ((1 - confidence) / 2, (1 + confidence) / 2)
+    method = "BCa" if max(len(reference), len(sample)) <= BCA_MAX_N else "percentile"
     rng = np.random.default_rng(seed)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a degenerate BCa interval is NaN, and inconclusive below
         value = float(function(reference, sample))
         result, added = None, settings.n_boot
         while True:
             result = bootstrap((reference, sample), function, n_resamples=added, batch=1000, vectorized=True,
-                               paired=paired, confidence_level=confidence, method="percentile",
+                               paired=paired, confidence_level=confidence, method=method,
                                bootstrap_result=result, rng=rng)
             distribution = result.bootstrap_distribution
             low, high = (float(v) for v in (result.confidence_interval.low, result.confidence_interval.high))
             n_boot = len(distribution)
-            finite = bool(np.isfinite(distribution).all())
-            errors = [bound_mc_error(distribution, q) if finite else math.nan for q in quantiles]
+            finite = bool(np.isfinite(distribution).all()) and not math.isnan(low) and not math.isnan(high)
+            # a bound is the order statistic at its (for BCa: adjusted) level of the bootstrap distribution
+            errors = [bound_mc_error(distribution, float(np.mean(distribution < bound))) if finite else math.nan
+                      for bound in (low, high)]
             if not finite or settled(low, high, errors, criterion) or n_boot >= settings.max_n_boot:
                 break
             added = min(n_boot, settings.max_n_boot - n_boot)
     status = decide(low, high, criterion) if finite and settled(low, high, errors, criterion) else "inconclusive"
+    characteristics = operating(reference, sample, statistic, criterion, confidence, paired, value)
+    reason = None
+    if status == "inconclusive":
+        settle = settle_sentence(characteristics)
+        reason = inconclusive_reason(low, high, errors, criterion, n_boot) + (f"; {settle}" if settle else "")
     return Comparison(
         status=status, value=value, interval=(low, high), confidence=confidence,
         adjustment=AdjustmentInfo(method=adjustment, comparisons=comparisons, family_confidence=settings.confidence),
-        mc_error=tuple(errors), n_boot=n_boot, test=criterion.test, harmful=criterion.harmful,
-        min_detectable=MinDetectable(
-            value=min_detectable(distribution, confidence, settings.power) if finite else None,
-            definition=f"smallest true difference ({statistic}) the interval would tell from none with "
-                       f"{settings.power:.0%} power: (z at {confidence:.2%} two-sided + z at {settings.power:.0%}) x "
-                       "bootstrap standard error"),
-        reason=inconclusive_reason(low, high, errors, criterion, n_boot) if status == "inconclusive" else None)
+        mc_error=tuple(errors), n_boot=n_boot, interval_method=method, test=criterion.test,
+        harmful=criterion.harmful, operating=characteristics, reason=reason)

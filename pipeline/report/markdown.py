@@ -34,15 +34,19 @@ def report_markdown(evidence: Evidence) -> str:
     checks = release.checks
     lines = [f"# Governance report: MAE encoder on {' + '.join(map(text, evidence.training_records))}", "",
              f"## Release decision: {release.decision.upper()}", ""]
+    policy = "; ".join(f"{status} blocks {', '.join(patterns)}" for status, patterns in release.policy.block_on.items()
+                       if patterns)
+    by_id = {c.id: c for c in checks}
     if release.blocked_by:
-        lines += [f"Blocked by these checks (status in {', '.join(release.policy.block_on)}):", ""]
-        lines += [f"- {code(c)}" for c in release.blocked_by] + [""]
+        lines += [f"Blocked by these checks ({policy}):", ""]
+        lines += [f"- {code(c)}: {by_id[c].status}" + (f" ({text(by_id[c].reason)})" if by_id[c].reason else "")
+                  for c in release.blocked_by] + [""]
     else:
-        lines += [f"No blocking check has a blocking status ({', '.join(release.policy.block_on)}).", ""]
-    inconclusive = [c.id for c in checks if c.status == "inconclusive"]
+        lines += [f"No check has a status that blocks it ({policy}).", ""]
+    inconclusive = [c.id for c in checks if c.status == "inconclusive" and c.id not in release.blocked_by]
     if inconclusive:
-        lines += ["Inconclusive (the data could not decide either way; more evidence is needed, not assumed): "
-                  + ", ".join(code(c) for c in inconclusive), ""]
+        lines += ["Inconclusive and not blocking (the data could not decide either way; more evidence is needed, "
+                  "not assumed): " + ", ".join(code(c) for c in inconclusive), ""]
     lines += table(["area", "status of blocking checks", "status of advisory checks"],
                    [[area, e.status, e.advisory or "—"] for area, e in release.areas.items()])
     lines += [f"Model: registered model `{model.registered_model}` version {model.version}, MLflow run "
@@ -57,7 +61,10 @@ def report_markdown(evidence: Evidence) -> str:
               "(equivalence), fails only when it lies wholly beyond the threshold on the harmful side, and is "
               "inconclusive otherwise; domain, corruption and memorization checks are one-sided (non-inferiority). "
               "A bound within its Monte-Carlo error of the threshold is inconclusive rather than decided on "
-              "resampling noise.", "", "## Release checks", ""]
+              "resampling noise. Each decided check states what its decision catches at its sizes: the "
+              "probability that it passes and that it fails if the true value were no gap, the tolerance, or "
+              "twice the tolerance, and the images that would give an 80% pass at no gap and an 80% fail at "
+              "twice the tolerance.", "", "## Release checks", ""]
     lines += checks_table(checks) + evidence_table(checks)
     for section in (provenance_section, consent_section, validation_section, training_section, evaluation_section,
                     bias_section, shift_section, memorization_section, regression_section, overtrust_section,
