@@ -121,6 +121,19 @@ class Policy(_Strict):
     withdrawals_file: str
 
 
+class NearDuplicateSettings(_Strict):
+    """How near-copies are found (pipeline.near_duplicates): candidates from hashes, each decided on pixels."""
+
+    phash_distance: int = Field(ge=0, le=63, description="candidates: pHashes at most this many bits apart")
+    hashes: int = Field(ge=1, le=8, description="candidates: thumbnail SimHashes, each drawn independently")
+    hash_distance: int = Field(ge=0, le=63, description="candidates: SimHashes at most this many bits apart")
+    min_correlation: float = Field(gt=0, le=1, description="a candidate whose 8 x 8 thumbnails correlate at least "
+                                                           "this much, and")
+    min_detail_correlation: float = Field(gt=0, le=1, description="whose 16 x 16 thumbnails at least this much, is "
+                                                                  "a near-duplicate (validate warns, prepare keeps "
+                                                                  "it in its group's split)")
+
+
 class ValidationSettings(_Strict):
     near_constant_std: float = Field(ge=0)
     max_constant_fraction: float = Field(ge=0, le=1)
@@ -129,9 +142,7 @@ class ValidationSettings(_Strict):
     quarantine_fraction_warning: float = Field(ge=0, le=1)
     quarantine_fraction_critical: float = Field(ge=0, le=1)
     examples: int = Field(default=5, ge=0)
-    near_duplicate_distance: int = Field(ge=0, le=63, description="perceptual hashes at most this many bits apart "
-                                                                  "are near-duplicates (validate warns, prepare "
-                                                                  "keeps them in one split)")
+    near_duplicates: NearDuplicateSettings
     chunk_rows: int = Field(default=100_000, gt=0, description="a manifest with more records is validated chunk "
                                                                "by chunk, never as one frame")
 

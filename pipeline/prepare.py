@@ -33,8 +33,8 @@ from scipy.stats import binom
 
 from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
-from pipeline.near_duplicates import group_keys
-from pipeline.params import DEFAULT_PARAMS, PrepareSettings, load_params
+from pipeline.near_duplicates import group_keys, near_pairs, shard_reader
+from pipeline.params import DEFAULT_PARAMS, NearDuplicateSettings, PrepareSettings, load_params
 from pipeline.artifacts import SPLITS, Layout, read_table
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,13 @@ def unit_hash(seed: int, sha256: str) -> float:
     return (int.from_bytes(digest, "big") >> 11) / 2**53
 
 
-def near_duplicate_groups(manifests: dict[str, pd.DataFrame], max_distance: int) -> dict[str, pd.Series]:
-    """Each record's near-duplicate group key, found across every dataset, indexed like its manifest."""
-    records = pd.concat([m[["sha256", "phash"]] for m in manifests.values()], ignore_index=True)
-    keys = group_keys(records, max_distance).to_numpy()
+def near_duplicate_groups(manifests: dict[str, pd.DataFrame], folders: dict[str, Path],
+                          settings: NearDuplicateSettings) -> dict[str, pd.Series]:
+    """Each record's near-duplicate group key, found across every dataset (pixels read from `folders`), indexed
+    like its manifest."""
+    columns = ["sha256", "phash", "pixels_file", "pixels_index"]
+    records = pd.concat([m[columns].assign(dataset=name) for name, m in manifests.items()], ignore_index=True)
+    keys = group_keys(records["sha256"], near_pairs(records, shard_reader(folders), settings)).to_numpy()
     ends = np.cumsum([len(m) for m in manifests.values()])
     return {name: pd.Series(keys[end - len(m):end], index=m.index, name=GROUP)
             for (name, m), end in zip(manifests.items(), ends)}
@@ -161,7 +164,8 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
     assigned: dict[str, pd.DataFrame] = {}
     cards: dict[str, DataCard] = {}
     manifests = {name: read_table(layout.manifest(name)) for name in names}
-    groups = near_duplicate_groups(manifests, params.validation.near_duplicate_distance)
+    groups = near_duplicate_groups(manifests, {name: layout.ingested(name) for name in names},
+                                   params.validation.near_duplicates)
     for name, manifest in manifests.items():
         cards[name] = load_card(card_path(name, cards_dir))
         manifest = manifest.assign(**{GROUP: groups[name]})

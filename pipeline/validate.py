@@ -5,7 +5,7 @@ Each dataset is checked as three tables:
 - records: the manifest plus per-image pixel statistics (schema, governance, identity, content);
 - dataset: one row holding the card's governance fields and ingest's counts (the card as data);
 - coverage: one row per declared sensitive-attribute value with its count.
-Near-duplicate images (perceptual hashes within `validation.near_duplicate_distance` bits, within and across
+Near-duplicate images (candidates from hashes decided on pixels, `validation.near_duplicates`, within and across
 datasets) are a warning naming the pairs, all of them listed in near_duplicates.csv.
 Every expectation carries GX's own `severity`; only a failed critical one stops the pipeline. An
 expectation that raised inside GX counts as failed, never as passed.
@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import Layout, not_found, read_table, write_json
 from pipeline.cards import CONSENT_BASES, DataCard, card_digest, card_path, load_card, spdx_problem
 from pipeline.contracts import DatasetValidation, ExpectationOutcome, Provenance, ValidationSummary
-from pipeline.near_duplicates import pair_table
-from pipeline.params import DEFAULT_PARAMS, Params, load_params
+from pipeline.near_duplicates import PHASH, pair_table, shard_reader
+from pipeline.params import DEFAULT_PARAMS, NearDuplicateSettings, Params, load_params
 from pipeline.policy import card_decision, license_allowed, load_withdrawals
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,9 @@ REQUIRED_COLUMNS = {
     "source_uri": "str", "license": "str", "consent_status": "str", "consent_basis": "str", "domain": "str",
     "width": "int32", "height": "int32", "channels": "int32", "pixels_file": "str", "pixels_index": "int32",
 }
-PHASH = r"[0-9a-f]{16}"  # records.perceptual_hash: 64 bits as hex
 NEAR_DUPLICATES = "near_duplicates.csv"
 # what the checks that span datasets and rows read of every manifest (with the card's attributes), never whole frames
-IDENTITY_COLUMNS = ("record_id", "sha256", "phash", "license")
+IDENTITY_COLUMNS = ("record_id", "sha256", "phash", "license", "pixels_file", "pixels_index")
 
 
 @dataclass(frozen=True)
@@ -84,26 +83,29 @@ def pixel_stats(manifest: pd.DataFrame, folder: Path) -> pd.DataFrame:
     return manifest.assign(pixel_mean=means, pixel_std=stds)
 
 
-def near_duplicate_pairs(manifests: dict[str, pd.DataFrame], max_distance: int) -> pd.DataFrame:
-    """Near-duplicate pairs among every dataset's records (those with a well-formed hash: a missing or malformed
-    one fails its own check)."""
-    records = pd.concat([m[["record_id", "phash"]].assign(dataset=name) for name, m in manifests.items()
-                         if "phash" in m] or [pd.DataFrame(columns=["record_id", "phash", "dataset"])],
-                        ignore_index=True)
-    return pair_table(records[records["phash"].str.fullmatch(PHASH, na=False)], max_distance)
+def near_duplicate_pairs(manifests: dict[str, pd.DataFrame], folders: dict[str, Path],
+                         settings: NearDuplicateSettings) -> pd.DataFrame:
+    """Near-duplicate pairs among every dataset's records, their pixels read from `folders` (a record with a
+    malformed hash, which fails its own check, is paired on its pixels alone)."""
+    columns = ["record_id", "phash", "pixels_file", "pixels_index"]
+    records = pd.concat([m[columns].assign(dataset=name) for name, m in manifests.items()]
+                        or [pd.DataFrame(columns=[*columns, "dataset"])], ignore_index=True)
+    return pair_table(records, shard_reader(folders), settings)
 
 
 def near_duplicate_column(manifest: pd.DataFrame, dataset: str, near: pd.DataFrame) -> pd.Series:
-    """Per record, its near-duplicates as `<record> ~ <dataset>/<record> (distance <bits>); ...`; null when it has
-    none."""
+    """Per record, its near-duplicates as `<record> ~ <dataset>/<record> (distance <bits>, correlation <r>); ...`
+    (distance: pHash bits, -1 where a hash is malformed); null when it has none."""
     sides = pd.concat([
         near.rename(columns={"dataset": "ds", "record_id": "id", "other_dataset": "partner_ds",
                              "other_record_id": "partner"}),
         near.rename(columns={"other_dataset": "ds", "other_record_id": "id", "dataset": "partner_ds",
                              "record_id": "partner"}),
     ])
-    mine = sides[sides["ds"] == dataset].sort_values(["distance", "partner_ds", "partner"])
-    described = mine["partner_ds"] + "/" + mine["partner"] + " (distance " + mine["distance"].astype(str) + ")"
+    mine = sides[sides["ds"] == dataset].sort_values(["correlation", "partner_ds", "partner"],
+                                                     ascending=[False, True, True])
+    described = (mine["partner_ds"] + "/" + mine["partner"] + " (distance " + mine["distance"].astype(str)
+                 + ", correlation " + mine["correlation"].map("{:.4f}".format) + ")")
     partners = described.groupby(mine["id"]).agg("; ".join)
     found = manifest["record_id"].map(partners)
     return (manifest["record_id"] + " ~ " + found).where(found.notna(), None).rename("near_duplicates")
@@ -484,7 +486,8 @@ def failure_lines(summary: ValidationSummary, severity: str = "critical") -> lis
     return lines
 
 
-def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_pairs: int, distance: int) -> str:
+def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_pairs: int,
+                near: NearDuplicateSettings) -> str:
     """A static index that opens offline (GX's own index renders its tables with JavaScript from CDNs)."""
     esc = html.escape
     parts = [
@@ -496,8 +499,9 @@ def _index_html(summary: ValidationSummary, docs_dir: Path, out_dir: Path, near_
         f"<p>{summary.failed_critical} critical and {summary.failed_warning} warning expectations failed. "
         "Great Expectations' own pages for each suite are linked below (they need a network connection for "
         "their styling; their content reads without it).</p>",
-        f"<p>{near_pairs} near-duplicate pairs (perceptual hashes at most {distance} bits apart, within and across "
-        f"datasets): <a href='{NEAR_DUPLICATES}'>{NEAR_DUPLICATES}</a>.</p>",
+        f"<p>{near_pairs} near-duplicate pairs (thumbnails correlated at least {near.min_correlation}, among "
+        f"candidates from pHash and SimHash, within and across datasets): "
+        f"<a href='{NEAR_DUPLICATES}'>{NEAR_DUPLICATES}</a>.</p>",
     ]
     for dataset, info in summary.datasets.items():
         parts.append(f"<h2>{esc(dataset)}</h2><p>{info.evaluated} expectations evaluated, {info.failed} failed "
@@ -539,7 +543,8 @@ def tables_and_checks(params: Params, cards: dict[str, DataCard], cards_dir: Pat
     tables: dict[tuple[str, str], pd.DataFrame | Iterable[pd.DataFrame]] = {}
     checks: dict[str, list[Check]] = {}
     identities = {name: identity_columns(layout.manifest(name), cards[name]) for name in params.datasets}
-    near = near_duplicate_pairs(identities, params.validation.near_duplicate_distance)
+    near = near_duplicate_pairs(identities, {name: layout.ingested(name) for name in identities},
+                                params.validation.near_duplicates)
     for name, identity in identities.items():
         others = [m for other, m in identities.items() if other != name]
         seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
@@ -565,7 +570,7 @@ def write_report(tables, checks, near: pd.DataFrame, params: Params, out_dir: Pa
     write_json(out_dir / "summary.json", summary)
     near.to_csv(out_dir / NEAR_DUPLICATES, index=False)
     (out_dir / "index.html").write_text(_index_html(summary, docs_dir, out_dir, len(near),
-                                                    params.validation.near_duplicate_distance))
+                                                    params.validation.near_duplicates))
     return summary
 
 
