@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage("audit-shift", "audit held-out domains, corruptions and embedding drift (DVC stage audit_shift)",
           "Compare each held-out domain of the card with unseen in-distribution images (reconstruction error, probe "
           "accuracy, bootstrap intervals); run six corruptions at five severities (degradation curves, mean "
-          "corruption error, with a bootstrap interval); test embedding drift against the training images (MMD "
-          "permutation test, domain-classifier AUC), with unseen in-distribution images as the control; draw "
+          "corruption error, with a bootstrap interval); test embedding drift (MMD permutation test, domain-classifier "
+          "AUC) of each held-out domain against unseen in-distribution images, with test against val images as "
+          "the control and unseen against training images as the fit to training; draw "
           "reconstructions at several mask ratios with their errors. Decides each check against the thresholds "
           "under `audit_shift:`, writes reports/shift/ (shift.json, shift.md, figures) and logs it to the model's "
           "MLflow run. Exit status 0 whatever the findings.", _audit_shift)

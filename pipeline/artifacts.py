@@ -44,7 +44,7 @@ EVAL = "data/eval"  # evaluate: samples.parquet, embeddings/<kind>.npy
 EVAL_METRICS = "metrics/eval.json"
 EVAL_FIGURES = "reports/eval"
 BIAS = "reports/bias"  # audit_bias: bias.json, bias.md, <grouping>.png
-SHIFT = "reports/shift"  # audit_shift: shift.json, shift.md, corruption_curves.png, overtrust.png
+SHIFT = "reports/shift"  # audit_shift: shift.json, shift.md, corruptions.parquet, corruption_curves.png, overtrust.png
 GOVERNANCE = "reports/governance"  # report: release.json, report.md, report.html, model_card.md, ...
 
 WRITERS = {INGESTED: "ingest", VALIDATION: "validate", PREPARED: "prepare", MODEL: "pretrain",

@@ -443,6 +443,7 @@ class PermutationTest(Contract):
 
 
 class Drift(PermutationTest):
+    reference: str | None = None  # what the images were tested against (the test's first side)
     auc: float
     status: Status
     reason: str | None = None

@@ -317,7 +317,9 @@ class ShiftSettings(BootstrapSettings):
     max_permutations: int = Field(default=8000, ge=50, description="permutations are doubled up to this while "
                                                                    "the p-value lies within its Monte-Carlo error "
                                                                    "of alpha")
-    max_samples: int = Field(default=500, ge=10, description="per side of a drift test (bounds its cost)")
+    max_samples: int = Field(default=500, ge=10, description="per side of a drift test (bounds its cost): past it, "
+                                                               "the first images by a keyed hash of their record "
+                                                               "ids")
     classifier_folds: int = Field(default=5, ge=2)
     adjustment: Adjustment = Field(default="bonferroni", description="across the held-out domains")
     power_shares: list[float] = Field(default=[0.05, 0.1, 0.2, 0.3, 0.5], min_length=1,

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
+from threadpoolctl import threadpool_limits
 
 from pipeline.audit.shift import (
     CORRUPTIONS,
@@ -15,17 +16,21 @@ from pipeline.audit.shift import (
     CorruptionPairs,
     corrupt,
     corruption_check,
+    corruption_pairs,
     corruption_suite,
+    IN_DISTRIBUTION,
     domain_auc,
     domain_checks,
+    drift_checks,
     drift_power,
     mmd_test,
 )
+from pipeline.audit.stats import Criterion, compare
 from pipeline.contracts import Corruptions, ShiftResult
 from pipeline.evaluate import embed, linear_probe
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
-from pipeline.params import ShiftSettings
+from pipeline.params import ShiftSettings, load_params
 from pipeline.render import corruption_sentence, fmt
 from tests.conftest import Workspace
 
@@ -115,6 +120,94 @@ def test_drift_power_grows_with_the_share_of_shifted_images_mixed_in():
     assert scarce.curve[-1].power is None, "more shifted images than exist are not invented"
 
 
+def drift_table(sizes: dict[str, int], shifts: dict[str, float], seed: int = 0,
+                dims: int = 6) -> tuple[pd.DataFrame, np.ndarray]:
+    """A samples table (split, domain, record_id) and its embeddings: per split a number of images and a mean
+    offset; held-out images are of domain site_x."""
+    rng = np.random.default_rng(seed)
+    splits = np.concatenate([[split] * n for split, n in sizes.items()])
+    samples = pd.DataFrame({"record_id": [f"r{i}" for i in range(len(splits))], "split": splits,
+                            "domain": np.where(splits == "heldout", "site_x", "site_a")})
+    offsets = np.array([shifts.get(split, 0.0) for split in splits])[:, None]
+    return samples, rng.normal(size=(len(splits), dims)) + offsets
+
+
+def test_the_drift_control_is_a_null_its_false_positive_rate_over_random_splits_is_alpha():
+    """Val and test are random splits of the same unseen images: the control's own decision code (drift_checks,
+    the control alone when there is no training or held-out image) run on 500 random splits of one null sample
+    finds drift (p < alpha) in about alpha of them (binomial standard error 0.0097 at 500 splits, so the band
+    [0.03, 0.07] is about 2 of them). The same images against training images would not be a null."""
+    alpha, n = 0.05, 120
+    settings = SETTINGS.model_copy(update={"classifier_folds": 2})  # the AUC only grades a rejection: fewer fits
+    embeddings = np.random.default_rng(0).normal(size=(n, 8))
+    found, undecided = [], 0
+    with threadpool_limits(1):  # products this small only lose time to BLAS threads on a busy machine
+        for split in range(500):
+            halves = np.where(np.random.default_rng([1, split]).permutation(n) < n // 2, "val", "test")
+            samples = pd.DataFrame({"record_id": [f"r{i}" for i in range(n)], "split": halves, "domain": "site_a"})
+            report, checks = drift_checks(samples, embeddings, [], settings)
+            (check,) = checks
+            assert check.id == "shift.drift.in_distribution" and check.reference == "val images"
+            assert report["in_distribution (control)"].n_reference == n // 2
+            found.append(check.p_value < alpha)
+            undecided += check.status == "inconclusive" and check.p_value >= alpha
+    rate = np.mean(found)
+    assert 0.03 <= rate <= 0.07, rate  # docs/architecture.md records the figure
+    assert undecided <= 10, "a p-value within its Monte-Carlo error of alpha is rare"
+
+
+def test_drift_compares_unseen_with_unseen_and_reports_the_fit_to_training_apart():
+    """The control is val against test; train against unseen is its own signal, expected to differ; a held-out
+    domain is compared with unseen in-distribution images, not with training ones."""
+    samples, embeddings = drift_table({"train": 200, "val": 60, "test": 60, "heldout": 60},
+                                      {"train": 0.8, "heldout": 1.5})
+    settings = SETTINGS.model_copy(update={"power_shares": [0.5], "power_trials": 10, "power_permutations": 20})
+    report, checks = drift_checks(samples, embeddings, ["site_x"], settings)
+    checks = {c.id: c for c in checks}
+    assert list(checks) == ["shift.drift.in_distribution", "shift.drift.fit_to_training", "shift.drift.site_x"]
+    control, fit, domain = (checks[f"shift.drift.{name}"] for name in ("in_distribution", "fit_to_training", "site_x"))
+    assert control.reference == "val images" and control.status == "pass"
+    assert (report["in_distribution (control)"].n_reference, report["in_distribution (control)"].n_sample) == (60, 60)
+    assert control.power.curve[0].power == 1.0, "half the test images from the held-out domain: found"
+    assert fit.reference == "training images" and fit.status == "fail" and "expected to differ" in fit.reason
+    assert (report["fit_to_training"].n_reference, report["fit_to_training"].n_sample) == (200, 120)
+    assert fit.power is None and fit.min_detectable is None
+    assert domain.reference == IN_DISTRIBUTION == "in-distribution (val, test)" and domain.status == "fail"
+    assert (report["site_x"].n_reference, report["site_x"].n_sample) == (120, 60)
+    assert report["site_x"].reference == IN_DISTRIBUTION
+
+
+def test_a_drift_subsample_is_fixed_by_the_records_not_by_a_seed_or_their_order():
+    """Past max_samples each side is the first images by a keyed hash of their record ids, and the classifier's
+    folds follow that order: another seed moves only the permutation p-value (within its Monte-Carlo error), and
+    the rows' order moves nothing."""
+    samples, embeddings = drift_table({"val": 50, "test": 50, "heldout": 40}, {"heldout": 0.3})
+    settings = SETTINGS.model_copy(update={"max_samples": 30, "power_trials": 10, "power_permutations": 20})
+    first, _ = drift_checks(samples, embeddings, ["site_x"], settings)
+    order = np.random.default_rng(1).permutation(len(samples))
+    shuffled, _ = drift_checks(samples.iloc[order].reset_index(drop=True), embeddings[order], ["site_x"], settings)
+    assert shuffled == first
+    reseeded, _ = drift_checks(samples, embeddings, ["site_x"], settings.model_copy(update={"seed": 7}))
+    for name, result in first.items():
+        other = reseeded[name]
+        assert (result.n_reference, result.n_sample) == (other.n_reference, other.n_sample) == (30, 30)
+        assert (result.mmd2, result.bandwidth, result.auc) == (other.mmd2, other.bandwidth, other.auc)
+        assert abs(result.p_value - other.p_value) <= result.mc_error + other.mc_error
+
+
+def test_domain_power_draws_its_in_distribution_images_apart_from_the_reference_side():
+    """A held-out domain is tested against unseen images, so its power simulation draws both sides from that
+    pool without overlap; when the pool cannot fill both at the test's sizes, the reference side is smaller and
+    the point says so."""
+    rng = np.random.default_rng(6)
+    pool, shifted = rng.normal(size=(100, 6)), rng.normal(1.5, 1, (60, 6))
+    settings = SETTINGS.model_copy(update={"power_shares": [0.2, 0.5], "power_trials": 10, "power_permutations": 20})
+    roomy = drift_power(pool, None, shifted, 50, 40, settings, seed=0)
+    assert all(point.note is None for point in roomy.curve) and roomy.curve[-1].power == 1.0
+    tight = drift_power(pool, None, shifted, 100, 40, settings, seed=0)
+    assert "68 reference images, not 100" in tight.curve[0].note and tight.curve[0].power is not None
+
+
 def domain_table(error: float, accuracy: float, n: int = 400, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     unseen = pd.DataFrame({"split": "test", "domain": "site_a", "recon_mse": rng.gamma(4, 0.01 / 4, n),
@@ -141,8 +234,8 @@ def test_domain_checks_are_signed_and_one_sided():
 
 def test_domain_classifier_auc_is_chance_on_one_distribution_and_high_on_two():
     rng = np.random.default_rng(0)
-    same = domain_auc(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)), folds=5, seed=0)
-    apart = domain_auc(rng.normal(size=(200, 8)), rng.normal(1.0, 1, size=(200, 8)), folds=5, seed=0)
+    same = domain_auc(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)), folds=5)
+    apart = domain_auc(rng.normal(size=(200, 8)), rng.normal(1.0, 1, size=(200, 8)), folds=5)
     assert abs(same - 0.5) < 0.1 and apart > 0.9
 
 
@@ -187,7 +280,14 @@ def test_corruption_suite_pairs_each_images_correctness_and_without_labels_falls
     probe = linear_probe(embed(model, normalisation.normalise(images), "avg", 256), labels, 1.0, 1000)
     settings = SETTINGS.model_copy(update={"n_boot": 100})
 
-    labelled, pairs = corruption_suite(model, images, labels, probe, normalisation, 0.5, "avg", settings)
+    record_ids = np.array([f"r{i}" for i in range(len(images))])
+    labelled, table = corruption_suite(model, images, record_ids, labels, probe, normalisation, 0.5, "avg", settings)
+    assert len(table) == len(images) * (1 + len(CORRUPTIONS) * len(SEVERITIES))
+    clean_rows = table[table["corruption"] == "clean"]
+    assert list(clean_rows["record_id"]) == list(record_ids) and set(clean_rows["severity"]) == {0}
+    assert (table.groupby("record_id")["clean_probe_pred"].nunique() == 1).all()
+    assert (table["probe_correct"] == (table["probe_pred"] == table["label"])).all()
+    pairs = corruption_pairs(table)
     assert labelled.decided_by == "probe_accuracy" and set(np.unique(pairs.clean_correct)) <= {0.0, 1.0}
     assert pairs.clean_correct.mean() == pytest.approx(labelled.clean.probe_accuracy)
     curves = [[point.probe_accuracy for point in curve] for curve in labelled.curves.values()]
@@ -201,7 +301,9 @@ def test_corruption_suite_pairs_each_images_correctness_and_without_labels_falls
     assert labelled.clean.probe_accuracy == 1
     assert labelled.relative_mce_probe is None and "no clean probe error" in sentence
 
-    unlabelled, pairs = corruption_suite(model, images, None, None, normalisation, 0.5, "avg", settings)
+    unlabelled, table = corruption_suite(model, images, record_ids, None, None, normalisation, 0.5, "avg", settings)
+    assert table["probe_correct"].isna().all() and table["probe_pred"].isna().all()
+    pairs = corruption_pairs(table)
     assert unlabelled.decided_by == "reconstruction" and unlabelled.relative_mce_probe is None
     assert pairs.clean_correct is None and pairs.corrupted_correct is None
     assert pairs.clean_error.mean() == pytest.approx(unlabelled.clean.recon_mse)
@@ -230,6 +332,9 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     for name in ("shift.error.site_east", "shift.accuracy.site_east", "shift.corruptions"):
         for field in ("reference", "confidence", "adjustment", "mc_error", "n_boot", "min_detectable", "interval"):
             assert getattr(checks[name], field) is not None, (name, field)
+    assert control.reference == "val images" and checks["shift.drift.site_east"].reference == IN_DISTRIBUTION
+    fit = checks["shift.drift.fit_to_training"]
+    assert fit.reference == "training images" and "expected to differ" in fit.reason
     assert report.drift["site_east"].auc > report.drift["in_distribution (control)"].auc
     curves = report.corruptions.curves
     assert set(curves) == set(CORRUPTIONS) and all(len(curve) == 5 for curve in curves.values())
@@ -241,5 +346,30 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     assert report.domains.worst_domain == "site_east"
     shift_md = (evaluated.root / "reports" / "shift" / "shift.md").read_text()
     assert f"interval {fmt(corruption.interval, 3)}" in shift_md, "the corruption result is stated with its interval"
-    for name in ("shift.md", "corruption_curves.png", "overtrust.png"):
+    assert "corruptions.parquet" in shift_md
+    for name in ("shift.md", "corruption_curves.png", "overtrust.png", "corruptions.parquet"):
         assert (evaluated.root / "reports" / "shift" / name).is_file()
+
+
+def test_the_corruption_check_recomputes_from_the_per_image_parquet_beside_shift_json(audited: Workspace):
+    """A reviewer's recomputation: each image's clean row paired with the mean of its 30 corrupted rows, the same
+    paired bootstrap, gives shift.json's value and interval."""
+    folder = audited.root / "reports" / "shift"
+    report = ShiftResult.model_validate_json((folder / "shift.json").read_text())
+    check = next(c for c in report.checks if c.id == "shift.corruptions")
+    table = pd.read_parquet(folder / "corruptions.parquet")
+    assert len(table) == report.corruptions.images * (1 + len(CORRUPTIONS) * len(SEVERITIES))
+    assert set(table.loc[table["corruption"] == "clean", "severity"]) == {0}
+    assert table["probe_correct"].isin([0, 1]).all()
+    clean = table[table["corruption"] == "clean"].set_index("record_id")
+    assert (clean["probe_correct"] == (clean["probe_pred"] == clean["label"])).all()
+    corrupted = table[table["corruption"] != "clean"].pivot(index="record_id", columns=["corruption", "severity"],
+                                                            values="probe_correct").loc[clean.index]
+    assert corrupted.shape[1] == 30 and not corrupted.isna().any().any()
+    assert clean["probe_correct"].mean() == pytest.approx(report.corruptions.clean.probe_accuracy, abs=1e-12)
+    settings = load_params(audited.root / "params.yaml").audit_shift
+    recomputed = compare(clean["probe_correct"].to_numpy(), corrupted.mean(axis=1).to_numpy(), "difference",
+                         Criterion(settings.max_corruption_accuracy_drop, "lower", equivalence=False), settings,
+                         seed=settings.seed, paired=True)
+    assert recomputed.value == pytest.approx(check.value, abs=1e-12)
+    assert recomputed.interval == pytest.approx(check.interval, abs=1e-9) and recomputed.status == check.status

@@ -7,21 +7,33 @@
   noise, blur, contrast, brightness, JPEG and pixelation at 5 severities, deterministic from a seed;
   degradation curves of reconstruction error and probe accuracy, decided like every other check on a bootstrap
   interval: on the probe's accuracy drop where the data has labels, else on the mean corruption error relative
-  to clean images (see `corruption_check`).
-- Embedding drift of each held-out domain (and, as the control, of unseen in-distribution images)
-  against the training images: an MMD two-sample test with an RBF kernel and a permutation p-value
-  (calibrated by construction: under the null every permutation is equally likely), and the AUC of a
-  cross-validated domain classifier as the effect size. Both sides are sub-sampled to bound the cost.
-  Permutations double while the p-value lies within its Monte-Carlo error of alpha. A test that finds
-  nothing states its power: held-out-domain embeddings mixed into in-distribution ones at several shares,
-  the same test simulated on them at the same sample sizes, and the smallest share detected with the
-  target power.
+  to clean images (see `corruption_check`). The per-image results (corruptions.parquet beside shift.json) are
+  what the check is computed from, so a reviewer can recompute it.
+- Embedding drift: an MMD two-sample test with an RBF kernel and a permutation p-value (calibrated by
+  construction: under the null every permutation is equally likely), and the AUC of a cross-validated domain
+  classifier as the effect size. Three kinds of test, chosen so that the control is a null:
+  - the control (`shift.drift.in_distribution`): test against val images, both unseen random splits of the same
+    domains, so it rejects in about alpha of splits (measured in tests/test_shift.py and docs/architecture.md);
+  - fit to training (`shift.drift.fit_to_training`): unseen in-distribution (val, test) against training
+    images. Not a null, since the model was fit to the training images: reported as that signal, expected to
+    differ, never as the control;
+  - each held-out domain against unseen in-distribution images (val, test), not against training images:
+    with train not a null, a domain tested against it would mix the fit to training into the shift; against
+    unseen images only the domain differs, the same reference its error and accuracy checks use.
+  No decision depends on the seed of a subsample: each side is every image, or past `max_samples` (which
+  bounds the cost at scale) the first by a keyed hash of the record ids, a fixed function of the data; the
+  classifier's folds follow the same order. The one seed left, the permutations', is covered by the Monte-Carlo
+  safeguard: permutations double while the p-value lies within its Monte-Carlo error of alpha. A control or
+  domain test that finds nothing states its power: held-out-domain embeddings mixed into in-distribution ones
+  at several shares, the same test simulated on them at the same sample sizes, and the smallest share detected
+  with the target power (a simulation, reported, deciding nothing).
 - Overtrust evidence: reconstructions of in- and out-of-domain images at several mask ratios, each with
   its error, so a reviewer sees plausible-looking output whose error has grown.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -175,8 +187,10 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int | np.ran
                            n_reference=n, n_sample=m)
 
 
-def domain_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    """Cross-validated ROC AUC of a classifier telling `y` from `x`: 0.5 when indistinguishable."""
+def domain_auc(x: np.ndarray, y: np.ndarray, folds: int) -> float:
+    """Cross-validated ROC AUC of a classifier telling `y` from `x`: 0.5 when indistinguishable. The folds are
+    contiguous runs of each side's rows, unshuffled: callers pass rows in keyed order (`keyed_rows`), so the
+    folds, like the rows, are a fixed function of the data and no seed can move the AUC."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -187,19 +201,35 @@ def domain_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
     target = np.r_[np.zeros(len(x)), np.ones(len(y))]
     folds = max(2, min(folds, len(x), len(y)))
     scores = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), features, target,
-                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+                               cv=StratifiedKFold(folds), method="predict_proba")
     return float(roc_auc_score(target, scores[:, 1]))
+
+
+def record_keys(record_ids) -> np.ndarray:
+    """A keyed hash of each record id (64 bits): a pseudo-random order that is a fixed function of the records."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(r).encode(), digest_size=8, person=b"shift.drift").digest(),
+                                    "big") for r in record_ids], dtype=np.uint64)
+
+
+def keyed_rows(rows: np.ndarray, keys: np.ndarray, limit: int | None) -> np.ndarray:
+    """The indices of the rows selected by the mask `rows`, in keyed order, the first `limit` of them: every row
+    when there are at most `limit` (or `limit` is None), else a subsample fixed by the records themselves, whatever
+    the seed."""
+    index = np.flatnonzero(rows)
+    return index[np.argsort(keys[index], kind="stable")][:limit]
 
 
 def subsample(values: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
     return values if len(values) <= limit else values[np.sort(rng.choice(len(values), limit, replace=False))]
 
 
-def drift(reference: np.ndarray, sample: np.ndarray, settings: ShiftSettings, seed: int) -> Drift:
-    rng = np.random.default_rng(seed)
-    x, y = subsample(reference, settings.max_samples, rng), subsample(sample, settings.max_samples, rng)
+def drift(x: np.ndarray, y: np.ndarray, reference: str, settings: ShiftSettings, seed: int) -> Drift:
+    """The drift decision on `y` against `x` (rows in keyed order, at most settings.max_samples each): pass when
+    the MMD test finds nothing; fail when it finds drift the domain classifier tells apart with an AUC of at least
+    settings.max_domain_auc; inconclusive for a smaller drift, or a p-value within its Monte-Carlo error of alpha.
+    The only seed is the permutations', whose Monte-Carlo error decides nothing (see `mmd_test`)."""
     test = mmd_test(x, y, settings.permutations, seed, settings.alpha, settings.max_permutations)
-    auc = domain_auc(x, y, settings.classifier_folds, seed)
+    auc = domain_auc(x, y, settings.classifier_folds)
     reason = None
     if abs(test.p_value - settings.alpha) <= test.mc_error:
         status = "inconclusive"
@@ -214,28 +244,39 @@ def drift(reference: np.ndarray, sample: np.ndarray, settings: ShiftSettings, se
         status = "inconclusive"
         reason = (f"significant drift (p {test.p_value:.4f}) with a domain-classifier AUC of {auc:.3f}, below "
                   f"{settings.max_domain_auc}: a small shift")
-    return Drift(**dict(test), auc=auc, status=status, reason=reason)
+    return Drift(**dict(test), reference=reference, auc=auc, status=status, reason=reason)
 
 
-def drift_power(reference: np.ndarray, in_distribution: np.ndarray, shifted: np.ndarray, n: int, m: int,
+def drift_power(reference: np.ndarray, in_distribution: np.ndarray | None, shifted: np.ndarray, n: int, m: int,
                 settings: ShiftSettings, seed: int) -> Power:
-    """What a drift test of `n` training against `m` other images could have found: the share of `shifted`
+    """What a drift test of `n` reference against `m` other images could have found: the share of `shifted`
     (held-out-domain) embeddings mixed into in-distribution ones that the same test detects at settings.alpha,
     in settings.power_trials simulations per share (with settings.power_permutations permutations each, fewer
-    than the test's own, to stay cheap; a coarser p-value only makes the estimate conservative)."""
+    than the test's own, to stay cheap; a coarser p-value only makes the estimate conservative). With
+    `in_distribution` None the in-distribution images come from the `reference` pool, disjoint from the
+    reference side; where the pool cannot fill both at these sizes, the reference side takes what is left and the
+    point says so (fewer images: a lower bound on the power)."""
     rng = np.random.default_rng(seed)
     curve = []
     for share in settings.power_shares:
         k = int(round(share * m))
-        if k > len(shifted) or m - k > len(in_distribution):
+        shared = in_distribution is None
+        side = min(n, len(reference) - (m - k)) if shared else n
+        if k > len(shifted) or side < 2 or (not shared and m - k > len(in_distribution)):
             curve.append(PowerPoint(share=share, power=None, note="not enough images to mix at this share"))
             continue
         detected = 0
         for _ in range(settings.power_trials):
-            x = subsample(reference, n, rng)
-            y = np.concatenate([subsample(in_distribution, m - k, rng), subsample(shifted, k, rng)])
+            if shared:
+                order = rng.permutation(len(reference))
+                x, fill = reference[order[:side]], reference[order[side:side + m - k]]
+            else:
+                x, fill = subsample(reference, n, rng), subsample(in_distribution, m - k, rng)
+            y = np.concatenate([fill, subsample(shifted, k, rng)])
             detected += mmd_test(x, y, settings.power_permutations, rng).p_value < settings.alpha
-        curve.append(PowerPoint(share=share, power=detected / settings.power_trials))
+        note = None if side == n else (f"{side} reference images, not {n}: the pool also fills the in-distribution "
+                                       "side; a lower bound on the power")
+        curve.append(PowerPoint(share=share, power=detected / settings.power_trials, note=note))
     reached = [point.share for point in curve if point.power is not None and point.power >= settings.power]
     return Power(curve=curve, detectable_share=min(reached, default=None), target=settings.power,
                  trials=settings.power_trials, permutations=settings.power_permutations, n_reference=n, n_sample=m)
@@ -244,6 +285,7 @@ def drift_power(reference: np.ndarray, in_distribution: np.ndarray, shifted: np.
 # ---------------------------------------------------------------- the checks
 
 DOMAINS_DETAIL = f"{SHIFT}/shift.md#domains"
+CORRUPTIONS_FILE = "corruptions.parquet"  # per image, corruption and severity, beside shift.json
 
 
 def domain_checks(samples: pd.DataFrame, held_out: list[str],
@@ -287,41 +329,62 @@ def domain_checks(samples: pd.DataFrame, held_out: list[str],
     return domains, checks
 
 
+IN_DISTRIBUTION = "in-distribution (val, test)"
+FIT_TO_TRAINING = ("expected to differ: the model was fit to the training images, so their embeddings are not a "
+                   "sample of what unseen images give; a signal of fit, not a shift in the data and not a control")
+
+
 def drift_checks(samples: pd.DataFrame, embeddings: np.ndarray, held_out: list[str],
                  settings: ShiftSettings) -> tuple[dict[str, Drift], list[Check]]:
-    """Held-out domains against the training features, and unseen in-distribution images as the control; a
-    test that found nothing also reports its power against held-out images mixed into in-distribution ones."""
-    reference = embeddings[(samples["split"] == "train").to_numpy()]
-    unseen = samples["split"].isin(UNSEEN).to_numpy()
-    heldout = (samples["split"] == "heldout").to_numpy()
-    # name -> (the images tested, the held-out images its power simulation mixes in)
-    candidates = {"in_distribution (control)": (unseen, heldout & samples["domain"].isin(held_out).to_numpy())}
+    """The control (test images against val images: both unseen random splits of the same domains, a null), the
+    fit to training (unseen in-distribution against training images, reported, expected to differ) and each
+    held-out domain against unseen in-distribution images. Each side is every image, or past settings.max_samples
+    a subsample fixed by a keyed hash of the record ids. A control or domain test that found nothing also reports
+    its power against held-out images mixed into in-distribution ones."""
+    split = samples["split"].to_numpy()
+    val, test, train = split == "val", split == "test", split == "train"
+    unseen = np.isin(split, UNSEEN)
+    heldout = split == "heldout"
+    keys = record_keys(samples["record_id"])
+    # name -> (reference rows, the reference in words, tested rows, power: (in-distribution pool, None for the
+    # reference's own; held-out images mixed in), or None where no power is simulated)
+    tests = {"in_distribution (control)": (val, "val images", test,
+                                           (test, heldout & samples["domain"].isin(held_out).to_numpy())),
+             "fit_to_training": (train, "training images", unseen, None)}
     for domain in held_out:
         rows = heldout & (samples["domain"] == domain).to_numpy()
-        candidates[domain] = (rows, rows)
+        tests[domain] = (unseen, IN_DISTRIBUTION, rows, (None, rows))
     report, checks = {}, []
-    for offset, (name, (rows, source)) in enumerate(candidates.items()):
-        if rows.sum() < 2:
+    for offset, (name, (reference_rows, reference, rows, power)) in enumerate(tests.items()):
+        if reference_rows.sum() < 2 or rows.sum() < 2:
             continue
-        result = drift(reference, embeddings[rows], settings, settings.seed + offset)
+        x = embeddings[keyed_rows(reference_rows, keys, settings.max_samples)]
+        y = embeddings[keyed_rows(rows, keys, settings.max_samples)]
+        result = drift(x, y, reference, settings, settings.seed + offset)
         reason, minimum = result.reason, None
-        if result.p_value >= settings.alpha:
+        if power is None:
+            reason = "; ".join(filter(None, [reason, FIT_TO_TRAINING]))
+        elif result.p_value >= settings.alpha:
+            pool, source = power
             if source.sum() >= 2:
-                result.power = drift_power(reference, embeddings[unseen], embeddings[source], result.n_reference,
-                                           result.n_sample, settings, settings.seed + offset)
+                every = [None if mask is None else embeddings[keyed_rows(mask, keys, None)]
+                         for mask in (reference_rows, pool, source)]  # keyed order: the rows' order moves nothing
+                result.power = drift_power(*every, result.n_reference, result.n_sample, settings,
+                                           settings.seed + offset)
                 minimum = MinDetectable(
                     value=result.power.detectable_share,
                     definition=f"smallest share of held-out-domain images among {result.n_sample} in-distribution "
                                f"ones that this test detects (p < {settings.alpha}) with {settings.power:.0%} power "
-                               f"against {result.n_reference} training images (simulated, {settings.power_trials} "
+                               f"against {result.n_reference} {reference} (simulated, {settings.power_trials} "
                                "trials per share)")
             else:
                 reason = reason or "no held-out-domain images to simulate a shift with: the test's power is unknown"
+        result.reason = reason
         report[name] = result
         checks.append(Check(id=f"shift.drift.{name.split(' ')[0]}", area="shift", status=result.status,
                             statistic="MMD permutation p-value / domain-classifier AUC", value=result.auc,
                             p_value=result.p_value, mc_error=result.mc_error, permutations=result.permutations,
-                            threshold=settings.max_domain_auc, alpha=settings.alpha, reference="training images",
+                            threshold=settings.max_domain_auc, alpha=settings.alpha, reference=reference,
                             power=result.power, min_detectable=minimum, reason=reason,
                             detail=f"{SHIFT}/shift.md#embedding-drift"))
     return report, checks
@@ -338,35 +401,33 @@ class CorruptionPairs:
     corrupted_correct: np.ndarray | None = None
 
 
-def corruption_suite(model, images: np.ndarray, labels: np.ndarray | None, probe, normalisation: Normalisation,
-                     mask_ratio: float, pool: str, settings: ShiftSettings) -> tuple[Corruptions, CorruptionPairs]:
+def corruption_suite(model, images: np.ndarray, record_ids: np.ndarray, labels: np.ndarray | None, probe,
+                     normalisation: Normalisation, mask_ratio: float, pool: str,
+                     settings: ShiftSettings) -> tuple[Corruptions, pd.DataFrame]:
     """Reconstruction error and probe accuracy of clean and corrupted copies of the same images, same masks.
     The error is against the clean image: how far what the model fills in from a corrupted view is from the
     truth (measured against the corrupted input, blur and low contrast would look like improvements). Returns
-    the summary and the per-image pairs."""
+    the summary and the per-image table (`corruption_table`), from which the check is computed
+    (`corruption_pairs`) and which is stored beside shift.json, so a reviewer can recompute the check."""
     noise = masking_noise(len(images), model.patch_embed.num_patches, settings.seed)
     clean_tensor = normalisation.normalise(images)
 
-    def measure(pixels: np.ndarray) -> tuple[CorruptionPoint, np.ndarray, np.ndarray | None]:
+    def measure(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         tensor = normalisation.normalise(pixels)
         errors = reconstruct(model, tensor, noise, mask_ratio, normalisation,
                              reference=clean_tensor).mse.numpy().astype(np.float64)
-        correct = None
-        if probe is not None:
-            correct = (probe.predict(embed(model, tensor, pool, 256)) == labels).astype(np.float64)
-        point = CorruptionPoint(recon_mse=float(errors.mean()),
-                                probe_accuracy=None if correct is None else float(correct.mean()))
-        return point, errors, correct
+        return errors, None if probe is None else probe.predict(embed(model, tensor, pool, 256))
 
-    clean, clean_errors, clean_correct = measure(images)
-    curves, corrupted_errors, corrupted_correct = {}, [], []
+    def point(errors: np.ndarray, predicted: np.ndarray | None) -> CorruptionPoint:
+        return CorruptionPoint(recon_mse=float(errors.mean()),
+                               probe_accuracy=None if predicted is None else float((predicted == labels).mean()))
+
+    measured = {("clean", 0): measure(images)}
     for name in CORRUPTIONS:
-        curves[name] = []
         for severity in SEVERITIES:
-            point, errors, correct = measure(corrupt(images, name, severity, settings.seed))
-            curves[name].append(point)
-            corrupted_errors.append(errors)
-            corrupted_correct.append(correct)
+            measured[name, severity] = measure(corrupt(images, name, severity, settings.seed))
+    clean = point(*measured["clean", 0])
+    curves = {name: [point(*measured[name, severity]) for severity in SEVERITIES] for name in CORRUPTIONS}
     # mean corruption error relative to clean images: 1 means no degradation (ImageNet-C's CE, with the
     # clean model as the reference instead of AlexNet); undefined when the probe makes no clean error
     relative_probe = None
@@ -378,9 +439,38 @@ def corruption_suite(model, images: np.ndarray, labels: np.ndarray | None, probe
                                                                    for curve in curves.values()])),
                         relative_mce_probe=relative_probe,
                         decided_by="reconstruction" if probe is None else "probe_accuracy")
-    pairs = CorruptionPairs(clean_errors, np.mean(corrupted_errors, axis=0),
-                            *((None, None) if probe is None else (clean_correct, np.mean(corrupted_correct, axis=0))))
-    return suite, pairs
+    return suite, corruption_table(record_ids, labels, measured)
+
+
+def corruption_table(record_ids: np.ndarray, labels: np.ndarray | None,
+                     measured: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]]) -> pd.DataFrame:
+    """One row per (image, corruption, severity), the clean image first as ("clean", 0): record_id, label, the
+    probe's prediction on the clean image and on this version, whether that is right (null without labels or a
+    probe) and the hidden-pixel reconstruction error against the clean image."""
+    n = len(record_ids)
+    missing = np.full(n, None, dtype=object)
+    clean_predicted = measured["clean", 0][1]
+    parts = []
+    for (name, severity), (errors, predicted) in measured.items():
+        parts.append(pd.DataFrame({
+            "record_id": record_ids, "label": missing if labels is None else labels, "corruption": name,
+            "severity": np.full(n, severity, dtype=np.int64),
+            "clean_probe_pred": missing if predicted is None else clean_predicted,
+            "probe_pred": missing if predicted is None else predicted,
+            "probe_correct": np.full(n, np.nan) if predicted is None else (predicted == labels).astype(np.float64),
+            "recon_mse": errors}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def corruption_pairs(table: pd.DataFrame) -> CorruptionPairs:
+    """The check's pairs from the per-image table: each image's clean row, and the mean of its corrupted rows."""
+    clean = table[table["corruption"] == "clean"].set_index("record_id")
+    corrupted = table[table["corruption"] != "clean"].groupby("record_id", sort=False)[
+        ["recon_mse", "probe_correct"]].mean().reindex(clean.index)
+    labelled = clean["probe_correct"].notna().any()
+    return CorruptionPairs(clean["recon_mse"].to_numpy(), corrupted["recon_mse"].to_numpy(),
+                           *((clean["probe_correct"].to_numpy(), corrupted["probe_correct"].to_numpy())
+                             if labelled else (None, None)))
 
 
 def corruption_check(pairs: CorruptionPairs, settings: ShiftSettings) -> Check:
@@ -486,25 +576,36 @@ def markdown(result: ShiftResult) -> str:
                     for name, entry in domains.held_out.items()])
     if domains.worst_domain is not None:
         lines += [f"Worst domain by reconstruction error: **{text(domains.worst_domain)}**.", ""]
-    lines += ["## Embedding drift", ""]
-    lines += table(["compared with training", "images", "MMD²", "bandwidth", "p-value", "permutations", "domain AUC",
+    lines += ["## Embedding drift", "",
+              "The control compares test with val images, both unseen random splits of the same domains: a null, "
+              f"so it finds drift in about {result.alpha:.0%} of splits. Training against unseen images "
+              "(`fit_to_training`) is expected to differ, since the model was fit to the training images: a signal "
+              "of fit, not a control. Each held-out domain is compared with unseen in-distribution images (val and "
+              "test). Each side is every image, or past `max_samples` a subsample fixed by a keyed hash of the "
+              "record ids, so no decision depends on a subsampling seed.", ""]
+    lines += table(["test", "reference", "images", "MMD²", "bandwidth", "p-value", "permutations", "domain AUC",
                     "status"],
-                   [[text(name), f"{entry.n_reference} / {entry.n_sample}", f"{entry.mmd2:.5f}",
-                     f"{entry.bandwidth:.4f}", f"{entry.p_value:.4f} ± {entry.mc_error:.4f}", entry.permutations,
-                     f"{entry.auc:.3f}", entry.status] for name, entry in result.drift.items()])
+                   [[text(name), text(entry.reference or "—"), f"{entry.n_reference} / {entry.n_sample}",
+                     f"{entry.mmd2:.5f}", f"{entry.bandwidth:.4f}", f"{entry.p_value:.4f} ± {entry.mc_error:.4f}",
+                     entry.permutations, f"{entry.auc:.3f}", entry.status] for name, entry in result.drift.items()])
     for name, entry in result.drift.items():
         power = entry.power
         if power:
             found = power.detectable_share
-            lines += [f"Power of the {text(name)} test ({power.n_reference} training against {power.n_sample} images, "
-                      f"{power.trials} simulations per share, {power.permutations} permutations each): held-out "
-                      "images mixed in at " + ", ".join(f"{p.share:.0%}: {fmt(p.power, 2)}" for p in power.curve)
+            lines += [f"Power of the {text(name)} test ({power.n_reference} {text(entry.reference or 'reference')} "
+                      f"against {power.n_sample} images, {power.trials} simulations per share, {power.permutations} "
+                      "permutations each): held-out images mixed in at "
+                      + ", ".join(f"{p.share:.0%}: {fmt(p.power, 2)}" for p in power.curve)
                       + (f". It detects a {found:.0%} share with {power.target:.0%} power." if found is not None
                          else f". No share tried reaches {power.target:.0%} power."), ""]
     suite = result.corruptions
     check = next(c for c in result.checks if c.id == "shift.corruptions")
     lines += ["## Corruptions", ""] + figure("corruption_curves.png", "corruption curves")
-    lines += [corruption_sentence(suite, check), ""]
+    lines += [corruption_sentence(suite, check), "",
+              f"Per image, corruption and severity (the clean image as `clean`, severity 0): `{CORRUPTIONS_FILE}` "
+              "beside this report holds the probe's clean and corrupted prediction, whether it is right, and the "
+              "reconstruction error; the check's interval is a paired bootstrap of each image's clean row against "
+              "the mean of its corrupted rows (`stats.compare`, paired, seeded by `audit_shift.seed`).", ""]
     lines += ["Reconstruction error (hidden pixels, against the clean image):", ""]
     lines += table(["corruption"] + [f"severity {s}" for s in SEVERITIES],
                    [[name] + [fmt(point.recon_mse) for point in curve] for name, curve in suite.curves.items()])
@@ -545,20 +646,21 @@ def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data
         probe = linear_probe(embeddings[train], samples.loc[train, "label"].to_numpy(), evaluation.probe_c,
                              evaluation.probe_max_iter)
         labels = unseen_records["label"].to_numpy()[chosen]
-    suite, pairs = corruption_suite(model, chosen_pixels, labels, probe, normalisation, evaluation.mask_ratio,
-                                    trained.config.pool, settings)
-    checks.append(corruption_check(pairs, settings))
+    suite, per_image = corruption_suite(model, chosen_pixels, unseen_records["record_id"].to_numpy()[chosen], labels,
+                                        probe, normalisation, evaluation.mask_ratio, trained.config.pool, settings)
+    checks.append(corruption_check(corruption_pairs(per_image), settings))
     result = ShiftResult(
         dataset=trained.dataset, held_out_domains=held_out, alpha=settings.alpha, confidence=settings.confidence,
         adjustment=settings.adjustment, n_boot=settings.n_boot, max_n_boot=settings.max_n_boot,
         permutations=settings.permutations, max_permutations=settings.max_permutations, power=settings.power,
-        note=None if held_out else f"card {trained.dataset} holds out no domain: only corruptions and the control "
-                                   "are audited",
+        note=None if held_out else f"card {trained.dataset} holds out no domain: only corruptions, the control and "
+                                   "the fit to training are audited",
         domains=domains, drift=drifts, corruptions=suite, checks=checks,
         status=overall_status([c.status for c in checks]))
 
     out = layout.shift
     out.mkdir(parents=True, exist_ok=True)
+    per_image.to_parquet(out / CORRUPTIONS_FILE, index=False)
     save_figure(curves_figure(suite), out / "corruption_curves.png")
     rows = [(f"in-domain {r.domain}", pixels) for pixels, r in
             zip(chosen_pixels, unseen_records.iloc[chosen[:settings.overtrust_images]].itertuples())]
