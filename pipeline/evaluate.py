@@ -20,7 +20,9 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -37,6 +39,9 @@ from pipeline.reconstruction import masking_noise, psnr, reconstruct, reconstruc
 from pipeline.render import drawn, save_figure
 from pipeline.tracking import model_run
 from pipeline.trained import Split, load_splits, load_trained
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +90,41 @@ def raw_pixels(pixels: NpyRows, rows: np.ndarray, normalisation: Normalisation, 
     return features
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int):
+@dataclass(frozen=True)
+class OneThread:
+    """A fitted classifier that predicts on one BLAS / OpenMP thread. A threaded matrix product splits its sums by
+    the thread count, so the probe's scores (and a near-tie's class) would change with the machine, and threaded
+    kNN orders tied neighbours by thread: on one thread the predictions are the same bit for bit everywhere."""
+
+    pipeline: Pipeline
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            return self.pipeline.predict(x)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int) -> OneThread:
     """Standardises `train_x` in place (and what it predicts on), its statistics gathered SCALER_ROWS rows at a time:
     StandardScaler's fit on a whole split holds float64 copies of it, and the probe would hold its features three
-    times over."""
+    times over. Fitted on one thread (lbfgs's gradients are threaded matrix products, whose last bits, and so the
+    coefficients and 1-3 predictions, changed with the thread count); no slower at this size (2,800 x 384
+    features, 10 classes: 1.4 s on one thread, 1.9 s on two)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     scaler = StandardScaler(copy=False)
     for start in range(0, len(train_x), SCALER_ROWS):
         scaler.partial_fit(train_x[start:start + SCALER_ROWS])
-    return make_pipeline(scaler, LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y))
+    with threadpool_limits(limits=1):
+        probe = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y)
+    return OneThread(make_pipeline(scaler, probe))
 
 
-def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
+def knn(train_x: np.ndarray, train_y: np.ndarray, k: int) -> OneThread:
     """Cosine kNN: features scaled to unit length in place (`train_x`, and what it predicts on), then Euclidean
     neighbours, which rank as cosine ones do (|a - b|^2 = 2 - 2 cos a,b for unit vectors). scikit-learn's cosine
     metric would copy the normalised train features for every chunk of queries; Euclidean distances are computed in
@@ -108,9 +133,9 @@ def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer
 
-    return make_pipeline(Normalizer(copy=False),
-                         KNeighborsClassifier(n_neighbors=min(k, len(train_x)), algorithm="brute")).fit(train_x,
-                                                                                                         train_y)
+    return OneThread(make_pipeline(Normalizer(copy=False),
+                                   KNeighborsClassifier(n_neighbors=min(k, len(train_x)), algorithm="brute"))
+                     .fit(train_x, train_y))
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:

@@ -176,18 +176,22 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int | np.ran
 
 
 def domain_auc(x: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
-    """Cross-validated ROC AUC of a classifier telling `y` from `x`: 0.5 when indistinguishable."""
+    """Cross-validated ROC AUC of a classifier telling `y` from `x`: 0.5 when indistinguishable. Fitted on one
+    thread, as the probe is (pipeline.evaluate.OneThread): lbfgs's threaded products change with the thread count."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     features = np.concatenate([x, y])
     target = np.r_[np.zeros(len(x)), np.ones(len(y))]
     folds = max(2, min(folds, len(x), len(y)))
-    scores = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), features, target,
-                               cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
+    with threadpool_limits(limits=1):
+        scores = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), features,
+                                   target, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                                   method="predict_proba")
     return float(roc_auc_score(target, scores[:, 1]))
 
 
