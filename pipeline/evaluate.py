@@ -153,18 +153,20 @@ def labelled(card: DataCard, train: pd.DataFrame) -> str | None:
 
 
 def representation_metrics(splits: dict[str, Split], features: Callable[[str, str], np.ndarray],
-                           sampled: dict[str, np.ndarray],
-                           settings: EvaluateSettings) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions.
-    `features(kind, split)` reads a fresh copy of one kind's features of one split (raw-pixel features exist for the
-    rows `sampled` of each split only), which the classifier scales in place: one classifier at a time holds its
-    train features and one other split's, once."""
+                           sampled: dict[str, np.ndarray], settings: EvaluateSettings
+                           ) -> tuple[dict, dict[str, dict[str, dict[str, np.ndarray]]]]:
+    """Probe and kNN accuracy per feature kind and evaluated split, and every kind's per-sample predictions
+    (`[method][kind][split]`, one per record of the split: None for the raw-pixel baseline's records outside its
+    sample), which the model checks pair image by image. `features(kind, split)` reads a fresh copy of one kind's
+    features of one split (raw-pixel features exist for the rows `sampled` of each split only), which the classifier
+    scales in place: one classifier at a time holds its train features and one other split's, once."""
     from sklearn import config_context
 
     fits = {"probe": lambda x, y: linear_probe(x, y, settings.probe_c, settings.probe_max_iter),
             "knn": lambda x, y: knn(x, y, settings.knn_k)}
     scores: dict = {"probe": {}, "knn": {}}
-    predictions: dict[str, dict[str, np.ndarray]] = {"probe": {}, "knn": {}}
+    predictions: dict[str, dict[str, dict[str, np.ndarray]]] = {method: {kind: {} for kind in FEATURES}
+                                                                for method in fits}
     for kind in FEATURES:
         labels = {name: split.records["label"].to_numpy()[sampled[name] if kind == "raw_pixels" else slice(None)]
                   for name, split in splits.items()}
@@ -180,8 +182,9 @@ def representation_metrics(splits: dict[str, Split], features: Callable[[str, st
                     predicted = classifier.predict(features(kind, name))
                 known = pd.notna(labels[name])
                 scores[method].setdefault(name, {})[kind] = accuracy(predicted[known], labels[name][known])
-                if kind == "mae":
-                    predictions[method][name] = predicted
+                if kind == "raw_pixels":
+                    predicted = placed(predicted, sampled[name], len(splits[name]))
+                predictions[method][kind][name] = predicted
             del classifier
     for method in ("probe", "knn"):
         reference = scores[method].get("test") or next(iter(scores[method].values()))
@@ -189,6 +192,24 @@ def representation_metrics(splits: dict[str, Split], features: Callable[[str, st
         scores[method]["margin_over_raw_pixels"] = reference["mae"] - reference["raw_pixels"]
     scores["knn"]["k"] = settings.knn_k
     return scores, predictions
+
+
+def placed(predicted: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """The predictions of `rows` of a split of `count` records, in place, None for the other records."""
+    full = np.full(count, None, dtype=object)
+    full[rows] = predicted
+    return full
+
+
+def correctness(predicted: pd.Series, label: pd.Series) -> pd.Series:
+    """1 where the prediction names the label, 0 where not, null where there is no prediction or no label."""
+    return (predicted == label).astype(float).where(predicted.notna() & label.notna())
+
+
+def correct_columns(method: str) -> list[str]:
+    """The samples table's per-record correctness of `method` ("probe", "knn") for each of FEATURES, in order: the
+    MAE's (`probe_correct`), then each baseline's (`probe_correct_random_init`, `probe_correct_raw_pixels`)."""
+    return [f"{method}_correct" if kind == "mae" else f"{method}_correct_{kind}" for kind in FEATURES]
 
 
 def slug(text: str) -> str:
@@ -331,8 +352,10 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
     if missing:
         scores = {method: {"available": False, "reason": missing} for method in ("probe", "knn")}
         for table in tables:
-            table["probe_pred"] = table["knn_pred"] = None
-            table["probe_correct"] = table["knn_correct"] = np.nan
+            for method in ("probe", "knn"):
+                table[f"{method}_pred"] = None
+                for column in correct_columns(method):
+                    table[column] = np.nan
         log.info("probe and kNN skipped: %s", missing)
     else:
         scores, predictions = representation_metrics(splits, features, sampled, settings)
@@ -340,9 +363,10 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
             scores[method]["available"] = True
         for table, name in zip(tables, splits):
             for method in ("probe", "knn"):
-                table[f"{method}_pred"] = predictions[method].get(name)  # None for the train rows
-                correct = (table[f"{method}_pred"] == table["label"]).astype(float)
-                table[f"{method}_correct"] = correct.where(table[f"{method}_pred"].notna() & table["label"].notna())
+                table[f"{method}_pred"] = predictions[method]["mae"].get(name)  # None for the train rows
+                for kind, column in zip(FEATURES, correct_columns(method)):
+                    predicted = pd.Series(predictions[method][kind].get(name), index=table.index, dtype=object)
+                    table[column] = correctness(predicted, table["label"])
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))

@@ -14,9 +14,19 @@ import yaml
 
 from pipeline.artifacts import Layout
 from pipeline.contracts import ClassifierScores, EvalMetrics
-from pipeline.evaluate import SCALER_ROWS, accuracy, knn, linear_probe, write_rows
+from pipeline.evaluate import (
+    SCALER_ROWS,
+    accuracy,
+    correct_columns,
+    correctness,
+    knn,
+    linear_probe,
+    representation_metrics,
+    write_rows,
+)
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
+from pipeline.params import EvaluateSettings
 from pipeline.reconstruction import masking_noise, psnr, reconstruct
 from pipeline.trained import load_trained
 from tests.conftest import ROOT, Workspace, mlflow_env, small_params
@@ -100,6 +110,40 @@ def test_probe_and_knn_refit_on_the_same_features_predict_the_same_under_any_thr
     assert accuracy(fitted[0][2], query_y) > 0.8, "the probe still fits"
 
 
+class FakeSplit:
+    def __init__(self, labels: np.ndarray):
+        self.records = pd.DataFrame({"label": labels})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def test_every_feature_kinds_predictions_are_kept_per_image_the_raw_pixel_ones_at_their_sampled_rows():
+    """The model checks pair the MAE's correctness with each baseline's on the same images: every kind's
+    predictions come back one per record, None outside the raw-pixel baseline's sample, agreeing with its accuracy."""
+    rng = np.random.default_rng(0)
+    labels = {"train": rng.integers(0, 3, 90), "test": rng.integers(0, 3, 40)}
+    splits = {name: FakeSplit(y) for name, y in labels.items()}
+    sampled = {"train": np.arange(0, 90, 2), "test": np.array([1, 5, 6, 20, 33])}
+    stored = {kind: {name: (rng.normal(size=(len(y), 4)) + y[:, None]).astype(np.float32)
+                     for name, y in labels.items()} for kind in ("mae", "random_init", "raw_pixels")}
+
+    def features(kind: str, name: str) -> np.ndarray:
+        return stored[kind][name][sampled[name]] if kind == "raw_pixels" else stored[kind][name].copy()
+
+    settings = EvaluateSettings(mask_ratio=0.5, probe_max_iter=200, knn_k=5)
+    scores, predictions = representation_metrics(splits, features, sampled, settings)
+    for method in ("probe", "knn"):
+        for kind in ("mae", "random_init", "raw_pixels"):
+            predicted = pd.Series(predictions[method][kind]["test"], dtype=object)
+            assert len(predicted) == 40 and "train" not in predictions[method][kind]
+            correct = correctness(predicted, pd.Series(labels["test"]))
+            kept = sampled["test"] if kind == "raw_pixels" else np.arange(40)
+            assert correct.notna().to_numpy().nonzero()[0].tolist() == kept.tolist()
+            assert correct.mean() == pytest.approx(scores[method]["test"][kind])
+    assert correct_columns("knn") == ["knn_correct", "knn_correct_random_init", "knn_correct_raw_pixels"]
+
+
 def test_features_are_written_row_by_row_into_the_npy_file(tmp_path):
     path = tmp_path / "features.npy"
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(10, 3))
@@ -134,6 +178,16 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert unseen["probe_pred"].notna().all() and unseen["knn_pred"].notna().all()
     assert samples.loc[samples["split"] == "train", "probe_pred"].isna().all()
     assert (unseen["probe_correct"] == (unseen["probe_pred"] == unseen["label"])).all()
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    for method in ("probe", "knn"):  # the baselines' per-image correctness, which the model checks pair
+        assert samples.loc[samples["split"] == "train", correct_columns(method)].isna().all().all()
+        for split, part in unseen.groupby("split"):
+            assert part[f"{method}_correct_random_init"].notna().all()
+            raw = part[f"{method}_correct_raw_pixels"].dropna()
+            assert len(raw) == metrics["raw_pixels"]["images"][split], "the raw-pixel baseline's sample only"
+            assert part[f"{method}_correct_random_init"].mean() == pytest.approx(
+                metrics[method][split]["random_init"], abs=1e-6)
+            assert raw.mean() == pytest.approx(metrics[method][split]["raw_pixels"], abs=1e-6)
     assert np.allclose(samples["psnr"], 10 * np.log10(1 / samples["recon_mse"]))
 
     embeddings = {kind: np.load(root / "data" / "eval" / "embeddings" / f"{kind}.npy")
@@ -144,7 +198,6 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert embeddings["mae"].shape == embeddings["random_init"].shape == (len(samples), width)
     assert not np.allclose(embeddings["mae"], embeddings["random_init"]), "the random encoder is really computed"
 
-    metrics = json.loads((root / "metrics" / "eval.json").read_text())
     EvalMetrics.model_validate(metrics)
     for method in ("probe", "knn"):
         test = metrics[method]["test"]
