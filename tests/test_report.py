@@ -143,8 +143,16 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     release = json.loads((governance(reported) / "release.json").read_text())
     assert release["decision"] == "blocked", "the default data under-represents group_b"
     assert "bias.representation.group" in release["blocked_by"]
-    assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization",
-                                                      "regression"}
+    assert {c["area"] for c in release["checks"]} == {"model", "validation", "consent", "bias", "shift",
+                                                      "memorization", "regression"}
+    assert [c["id"] for c in release["checks"][:5]] == ["model.reconstruction.patch_mean", "model.probe.random_init",
+                                                        "model.probe.raw_pixels", "model.knn.random_init",
+                                                        "model.knn.raw_pixels"], "model quality first"
+    assert any(c["status"] != "pass" for c in release["checks"][:5]), "a 2-epoch model learns nothing a probe reads"
+    report_md = (governance(reported) / "report.md").read_text().splitlines()
+    assert report_md[2].startswith("**The model does not beat trivial baselines on images it never saw**"), \
+        "the report says so first"
+    assert "## Model quality" in report_md and list(release["areas"])[0] == "model"
     regression = [c for c in release["checks"] if c["area"] == "regression"]
     assert [(c["id"], c["status"]) for c in regression] == [("regression.approved_version", "not_applicable")], regression
     assert release["areas"]["regression"]["status"] == "not_applicable"
@@ -187,6 +195,7 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     card = (governance(reported) / "model_card.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "cc-by-4.0" and "release-blocked" in front["tags"]
+    assert "**The model does not beat trivial baselines" in card.split("**Release decision")[0], "first in the card"
     for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
                     "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
         assert f"## {section}" in card
