@@ -247,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
           "under `audit_shift:`, writes reports/shift/ (shift.json, shift.md, figures) and logs it to the model's "
           "MLflow run. Exit status 0 whatever the findings.", _audit_shift)
     stage("report", "write the governance report and register the model (DVC stage report)",
-          "Answer each governance question (provenance, consent, validation, training, evaluation, bias, domain shift, "
-          "memorization, overtrust, intended use) with the evidence the earlier stages wrote, and decide the release: "
-          "blocked when a check not listed under report.advisory has a status that report.block_on says blocks it. Writes "
+          "Answer each governance question (model quality against trivial baselines, provenance, consent, "
+          "validation, training, evaluation, bias, domain shift, memorization, overtrust, intended use) with the "
+          "evidence the earlier stages wrote, and decide the release: blocked when a check not listed under "
+          "report.advisory has a status that report.block_on says blocks it. Writes "
           "reports/governance/ (report.html that opens offline, report.md, model_card.md, release.json, "
           "training_records.csv, croissant/<dataset>.json, figures/), registers the encoder as a version of "
           "report.registered_model with the decision and data hashes as tags, alias `candidate` on it and "

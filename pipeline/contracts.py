@@ -8,7 +8,8 @@ naming the file and the field, never a KeyError three stages later. Follow a rec
 - validate writes `ValidationSummary`; pretrain writes `ModelConfig`, `RunRecord` and `PretrainMetrics`;
 - evaluate writes `EvalMetrics` (and the per-sample table the audits read);
 - every decided question is a `Check`: the audits (`BiasResult`, `ShiftResult`) and the report's own judges
-  (validation, consent, memorization) all construct the same model, and the report reads attributes, not keys;
+  (model quality, validation, consent, memorization) all construct the same model, and the report reads
+  attributes, not keys;
 - the report writes `Release`: the decision, the model it is about, and every field of every check.
 """
 
@@ -21,8 +22,9 @@ from pydantic import BaseModel, ConfigDict
 Status = Literal["pass", "inconclusive", "fail"]
 # a check that has nothing to judge (no approved model to compare with): shown, never blocking
 CheckStatus = Literal["pass", "inconclusive", "fail", "not_applicable"]
-Area = Literal["validation", "consent", "bias", "shift", "memorization", "regression"]
-AREAS: tuple[Area, ...] = ("validation", "consent", "bias", "shift", "memorization", "regression")
+# "model" first: a model that does not beat trivial baselines is the first thing a reviewer reads
+Area = Literal["model", "validation", "consent", "bias", "shift", "memorization", "regression"]
+AREAS: tuple[Area, ...] = ("model", "validation", "consent", "bias", "shift", "memorization", "regression")
 Interval = tuple[float, float]
 
 

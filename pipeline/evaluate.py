@@ -20,7 +20,9 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -37,6 +39,9 @@ from pipeline.reconstruction import masking_noise, psnr, reconstruct, reconstruc
 from pipeline.render import drawn, save_figure
 from pipeline.tracking import model_run
 from pipeline.trained import Split, load_splits, load_trained
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +90,41 @@ def raw_pixels(pixels: NpyRows, rows: np.ndarray, normalisation: Normalisation, 
     return features
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int):
+@dataclass(frozen=True)
+class OneThread:
+    """A fitted classifier that predicts on one BLAS / OpenMP thread. A threaded matrix product splits its sums by
+    the thread count, so the probe's scores (and a near-tie's class) would change with the machine, and threaded
+    kNN orders tied neighbours by thread: on one thread the predictions are the same bit for bit everywhere."""
+
+    pipeline: Pipeline
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            return self.pipeline.predict(x)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, c: float, max_iter: int) -> OneThread:
     """Standardises `train_x` in place (and what it predicts on), its statistics gathered SCALER_ROWS rows at a time:
     StandardScaler's fit on a whole split holds float64 copies of it, and the probe would hold its features three
-    times over."""
+    times over. Fitted on one thread (lbfgs's gradients are threaded matrix products, whose last bits, and so the
+    coefficients and 1-3 predictions, changed with the thread count); no slower at this size (2,800 x 384
+    features, 10 classes: 1.4 s on one thread, 1.9 s on two)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     scaler = StandardScaler(copy=False)
     for start in range(0, len(train_x), SCALER_ROWS):
         scaler.partial_fit(train_x[start:start + SCALER_ROWS])
-    return make_pipeline(scaler, LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y))
+    with threadpool_limits(limits=1):
+        probe = LogisticRegression(C=c, max_iter=max_iter).fit(scaler.transform(train_x), train_y)
+    return OneThread(make_pipeline(scaler, probe))
 
 
-def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
+def knn(train_x: np.ndarray, train_y: np.ndarray, k: int) -> OneThread:
     """Cosine kNN: features scaled to unit length in place (`train_x`, and what it predicts on), then Euclidean
     neighbours, which rank as cosine ones do (|a - b|^2 = 2 - 2 cos a,b for unit vectors). scikit-learn's cosine
     metric would copy the normalised train features for every chunk of queries; Euclidean distances are computed in
@@ -108,9 +133,9 @@ def knn(train_x: np.ndarray, train_y: np.ndarray, k: int):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer
 
-    return make_pipeline(Normalizer(copy=False),
-                         KNeighborsClassifier(n_neighbors=min(k, len(train_x)), algorithm="brute")).fit(train_x,
-                                                                                                         train_y)
+    return OneThread(make_pipeline(Normalizer(copy=False),
+                                   KNeighborsClassifier(n_neighbors=min(k, len(train_x)), algorithm="brute"))
+                     .fit(train_x, train_y))
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -128,18 +153,20 @@ def labelled(card: DataCard, train: pd.DataFrame) -> str | None:
 
 
 def representation_metrics(splits: dict[str, Split], features: Callable[[str, str], np.ndarray],
-                           sampled: dict[str, np.ndarray],
-                           settings: EvaluateSettings) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Probe and kNN accuracy per feature kind and evaluated split, and the MAE's per-sample predictions.
-    `features(kind, split)` reads a fresh copy of one kind's features of one split (raw-pixel features exist for the
-    rows `sampled` of each split only), which the classifier scales in place: one classifier at a time holds its
-    train features and one other split's, once."""
+                           sampled: dict[str, np.ndarray], settings: EvaluateSettings
+                           ) -> tuple[dict, dict[str, dict[str, dict[str, np.ndarray]]]]:
+    """Probe and kNN accuracy per feature kind and evaluated split, and every kind's per-sample predictions
+    (`[method][kind][split]`, one per record of the split: None for the raw-pixel baseline's records outside its
+    sample), which the model checks pair image by image. `features(kind, split)` reads a fresh copy of one kind's
+    features of one split (raw-pixel features exist for the rows `sampled` of each split only), which the classifier
+    scales in place: one classifier at a time holds its train features and one other split's, once."""
     from sklearn import config_context
 
     fits = {"probe": lambda x, y: linear_probe(x, y, settings.probe_c, settings.probe_max_iter),
             "knn": lambda x, y: knn(x, y, settings.knn_k)}
     scores: dict = {"probe": {}, "knn": {}}
-    predictions: dict[str, dict[str, np.ndarray]] = {"probe": {}, "knn": {}}
+    predictions: dict[str, dict[str, dict[str, np.ndarray]]] = {method: {kind: {} for kind in FEATURES}
+                                                                for method in fits}
     for kind in FEATURES:
         labels = {name: split.records["label"].to_numpy()[sampled[name] if kind == "raw_pixels" else slice(None)]
                   for name, split in splits.items()}
@@ -155,8 +182,9 @@ def representation_metrics(splits: dict[str, Split], features: Callable[[str, st
                     predicted = classifier.predict(features(kind, name))
                 known = pd.notna(labels[name])
                 scores[method].setdefault(name, {})[kind] = accuracy(predicted[known], labels[name][known])
-                if kind == "mae":
-                    predictions[method][name] = predicted
+                if kind == "raw_pixels":
+                    predicted = placed(predicted, sampled[name], len(splits[name]))
+                predictions[method][kind][name] = predicted
             del classifier
     for method in ("probe", "knn"):
         reference = scores[method].get("test") or next(iter(scores[method].values()))
@@ -164,6 +192,24 @@ def representation_metrics(splits: dict[str, Split], features: Callable[[str, st
         scores[method]["margin_over_raw_pixels"] = reference["mae"] - reference["raw_pixels"]
     scores["knn"]["k"] = settings.knn_k
     return scores, predictions
+
+
+def placed(predicted: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """The predictions of `rows` of a split of `count` records, in place, None for the other records."""
+    full = np.full(count, None, dtype=object)
+    full[rows] = predicted
+    return full
+
+
+def correctness(predicted: pd.Series, label: pd.Series) -> pd.Series:
+    """1 where the prediction names the label, 0 where not, null where there is no prediction or no label."""
+    return (predicted == label).astype(float).where(predicted.notna() & label.notna())
+
+
+def correct_columns(method: str) -> list[str]:
+    """The samples table's per-record correctness of `method` ("probe", "knn") for each of FEATURES, in order: the
+    MAE's (`probe_correct`), then each baseline's (`probe_correct_random_init`, `probe_correct_raw_pixels`)."""
+    return [f"{method}_correct" if kind == "mae" else f"{method}_correct_{kind}" for kind in FEATURES]
 
 
 def slug(text: str) -> str:
@@ -306,8 +352,10 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
     if missing:
         scores = {method: {"available": False, "reason": missing} for method in ("probe", "knn")}
         for table in tables:
-            table["probe_pred"] = table["knn_pred"] = None
-            table["probe_correct"] = table["knn_correct"] = np.nan
+            for method in ("probe", "knn"):
+                table[f"{method}_pred"] = None
+                for column in correct_columns(method):
+                    table[column] = np.nan
         log.info("probe and kNN skipped: %s", missing)
     else:
         scores, predictions = representation_metrics(splits, features, sampled, settings)
@@ -315,9 +363,10 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
             scores[method]["available"] = True
         for table, name in zip(tables, splits):
             for method in ("probe", "knn"):
-                table[f"{method}_pred"] = predictions[method].get(name)  # None for the train rows
-                correct = (table[f"{method}_pred"] == table["label"]).astype(float)
-                table[f"{method}_correct"] = correct.where(table[f"{method}_pred"].notna() & table["label"].notna())
+                table[f"{method}_pred"] = predictions[method]["mae"].get(name)  # None for the train rows
+                for kind, column in zip(FEATURES, correct_columns(method)):
+                    predicted = pd.Series(predictions[method][kind].get(name), index=table.index, dtype=object)
+                    table[column] = correctness(predicted, table["label"])
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))

@@ -374,12 +374,24 @@ class BlockOn(_Strict):
     inconclusive: list[str] = Field(default=PROTECTING, description="checks an inconclusive blocks")
 
 
+class BaselineMargins(_Strict):
+    """How far the model must beat each trivial baseline on unseen images, paired on the same images (the model.*
+    checks): 0, by any amount its interval shows; above 0, by at least that; below 0, it may trail by that much."""
+
+    reconstruction: float = Field(default=0.0, allow_inf_nan=False, description="1 - model / patch-mean "
+                                                                                "hidden-pixel error")
+    probe: float = Field(default=0.0, allow_inf_nan=False, description="MAE - baseline (random init, raw pixels) "
+                                                                       "probe accuracy")
+    knn: float = Field(default=0.0, allow_inf_nan=False, description="MAE - baseline kNN accuracy")
+
+
 class ReportSettings(BootstrapSettings):
     registered_model: str = Field(default="mae-encoder", pattern=r"^[A-Za-z0-9_.-]+$")
     block_on: BlockOn = BlockOn()
     advisory: list[str] = Field(default=[], description="check-id patterns reported but not blocking")
     max_memorization_gap: float = Field(gt=0, description="unseen error / training error - 1 (one-sided)")
     max_regression: MaxRegression = MaxRegression()
+    min_margin_over_baselines: BaselineMargins = BaselineMargins()
     figure_width: int = Field(default=720, ge=100)
 
 

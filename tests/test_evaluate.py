@@ -14,9 +14,19 @@ import yaml
 
 from pipeline.artifacts import Layout
 from pipeline.contracts import ClassifierScores, EvalMetrics
-from pipeline.evaluate import SCALER_ROWS, accuracy, knn, linear_probe, write_rows
+from pipeline.evaluate import (
+    SCALER_ROWS,
+    accuracy,
+    correct_columns,
+    correctness,
+    knn,
+    linear_probe,
+    representation_metrics,
+    write_rows,
+)
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
+from pipeline.params import EvaluateSettings
 from pipeline.reconstruction import masking_noise, psnr, reconstruct
 from pipeline.trained import load_trained
 from tests.conftest import ROOT, Workspace, mlflow_env, small_params
@@ -58,7 +68,7 @@ def test_classifiers_scale_their_own_copy_as_scikit_learn_would_on_the_whole_spl
         queries = (rng.normal(size=(50, 6)) * [1, 2, 3, 4, 5, 6] + 10).astype(np.float32)
         whole = make_pipeline(StandardScaler(), LogisticRegression(max_iter=200)).fit(x, y)
         ours = linear_probe(x.copy(), y, 1.0, 200)
-        scaler = ours.steps[0][1]
+        scaler = ours.pipeline.steps[0][1]
         if rows < SCALER_ROWS:
             assert np.array_equal(scaler.mean_, whole.steps[0][1].mean_)
             assert np.array_equal(scaler.scale_, whole.steps[0][1].scale_)
@@ -72,8 +82,66 @@ def test_classifiers_scale_their_own_copy_as_scikit_learn_would_on_the_whole_spl
     fitted = knn(x.copy(), y, 7)
     assert (fitted.predict(queries.copy()) == cosine.predict(queries)).all()
     distances, _ = cosine.kneighbors(queries)
-    unit = fitted.steps[-1][1].kneighbors(fitted.steps[0][1].transform(queries.copy()))
+    unit = fitted.pipeline.steps[-1][1].kneighbors(fitted.pipeline.steps[0][1].transform(queries.copy()))
     assert np.allclose(unit[0] ** 2, 2 * distances, atol=1e-5) and (unit[1] == cosine.kneighbors(queries)[1]).all()
+
+
+def test_probe_and_knn_refit_on_the_same_features_predict_the_same_under_any_thread_count():
+    """Issue 27 item 6: lbfgs's gradients are threaded matrix products whose last bits change with the BLAS thread
+    count (on these features two threads moved the coefficients; at the default run's size, 1-3 predictions), and
+    threaded kNN orders tied neighbours by thread. Fitted and predicting on one thread, neither depends on it."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 384)) * 0.3
+    scale = rng.gamma(2, 1, 384)
+    y, query_y = rng.integers(0, 10, 2800), rng.integers(0, 10, 600)
+    x = ((centres[y] + rng.normal(size=(2800, 384))) * scale).astype(np.float32)
+    queries = ((centres[query_y] + rng.normal(size=(600, 384))) * scale).astype(np.float32)
+    x[1400:1500] = x[:100]  # exact duplicates, so kNN has tied neighbours
+    fitted = []
+    for threads in (1, 2, 4):
+        with threadpool_limits(limits=threads):
+            probe = linear_probe(x.copy(), y, 1.0, 1000)
+            fitted.append((probe.pipeline.steps[-1][1].coef_, probe.pipeline.steps[-1][1].intercept_,
+                           probe.predict(queries.copy()), knn(x.copy(), y, 20).predict(queries.copy())))
+    for other in fitted[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(fitted[0], other)), "bit for bit, whatever the thread count"
+    assert accuracy(fitted[0][2], query_y) > 0.8, "the probe still fits"
+
+
+class FakeSplit:
+    def __init__(self, labels: np.ndarray):
+        self.records = pd.DataFrame({"label": labels})
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def test_every_feature_kinds_predictions_are_kept_per_image_the_raw_pixel_ones_at_their_sampled_rows():
+    """The model checks pair the MAE's correctness with each baseline's on the same images: every kind's
+    predictions come back one per record, None outside the raw-pixel baseline's sample, agreeing with its accuracy."""
+    rng = np.random.default_rng(0)
+    labels = {"train": rng.integers(0, 3, 90), "test": rng.integers(0, 3, 40)}
+    splits = {name: FakeSplit(y) for name, y in labels.items()}
+    sampled = {"train": np.arange(0, 90, 2), "test": np.array([1, 5, 6, 20, 33])}
+    stored = {kind: {name: (rng.normal(size=(len(y), 4)) + y[:, None]).astype(np.float32)
+                     for name, y in labels.items()} for kind in ("mae", "random_init", "raw_pixels")}
+
+    def features(kind: str, name: str) -> np.ndarray:
+        return stored[kind][name][sampled[name]] if kind == "raw_pixels" else stored[kind][name].copy()
+
+    settings = EvaluateSettings(mask_ratio=0.5, probe_max_iter=200, knn_k=5)
+    scores, predictions = representation_metrics(splits, features, sampled, settings)
+    for method in ("probe", "knn"):
+        for kind in ("mae", "random_init", "raw_pixels"):
+            predicted = pd.Series(predictions[method][kind]["test"], dtype=object)
+            assert len(predicted) == 40 and "train" not in predictions[method][kind]
+            correct = correctness(predicted, pd.Series(labels["test"]))
+            kept = sampled["test"] if kind == "raw_pixels" else np.arange(40)
+            assert correct.notna().to_numpy().nonzero()[0].tolist() == kept.tolist()
+            assert correct.mean() == pytest.approx(scores[method]["test"][kind])
+    assert correct_columns("knn") == ["knn_correct", "knn_correct_random_init", "knn_correct_raw_pixels"]
 
 
 def test_features_are_written_row_by_row_into_the_npy_file(tmp_path):
@@ -110,6 +178,16 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert unseen["probe_pred"].notna().all() and unseen["knn_pred"].notna().all()
     assert samples.loc[samples["split"] == "train", "probe_pred"].isna().all()
     assert (unseen["probe_correct"] == (unseen["probe_pred"] == unseen["label"])).all()
+    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    for method in ("probe", "knn"):  # the baselines' per-image correctness, which the model checks pair
+        assert samples.loc[samples["split"] == "train", correct_columns(method)].isna().all().all()
+        for split, part in unseen.groupby("split"):
+            assert part[f"{method}_correct_random_init"].notna().all()
+            raw = part[f"{method}_correct_raw_pixels"].dropna()
+            assert len(raw) == metrics["raw_pixels"]["images"][split], "the raw-pixel baseline's sample only"
+            assert part[f"{method}_correct_random_init"].mean() == pytest.approx(
+                metrics[method][split]["random_init"], abs=1e-6)
+            assert raw.mean() == pytest.approx(metrics[method][split]["raw_pixels"], abs=1e-6)
     assert np.allclose(samples["psnr"], 10 * np.log10(1 / samples["recon_mse"]))
 
     embeddings = {kind: np.load(root / "data" / "eval" / "embeddings" / f"{kind}.npy")
@@ -120,7 +198,6 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert embeddings["mae"].shape == embeddings["random_init"].shape == (len(samples), width)
     assert not np.allclose(embeddings["mae"], embeddings["random_init"]), "the random encoder is really computed"
 
-    metrics = json.loads((root / "metrics" / "eval.json").read_text())
     EvalMetrics.model_validate(metrics)
     for method in ("probe", "knn"):
         test = metrics[method]["test"]

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from pipeline.audit.memorization import memorization
 from pipeline.cards import load_card
 from pipeline.contracts import Check, Counts, Release, RunRecord
-from pipeline.params import ReportSettings, load_params
+from pipeline.params import BlockOn, ReportSettings, load_params
 from pipeline.registry import affected
 from pipeline.render import fmt, text
 from pipeline.report.html import report_html
@@ -38,15 +38,24 @@ def checks_of(statuses: dict[str, str]) -> list[Check]:
 
 
 def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
-    checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "memorization.overall": "inconclusive"})
+    checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "consent.documented.x": "inconclusive"})
     release = decide_release(checks, SETTINGS)
     assert release.decision == "approved" and release.blocked_by == []
-    assert release.areas["shift"].model_dump() == {"status": "inconclusive", "advisory": "fail"}
+    assert release.areas["shift"].advisory == "fail" and release.areas["consent"].status == "inconclusive"
     assert [c.blocking for c in release.checks] == [True, False, True] and checks[1].blocking is None
+    assert release.policy.block_on["fail"] == ["*"]
 
-    strict = SETTINGS.model_copy(update={"block_on": ["fail", "inconclusive"]})
-    assert decide_release(checks_of({"bias.x": "pass", "memorization.overall": "inconclusive"}),
-                          strict).blocked_by == ["memorization.overall"]
+
+@pytest.mark.parametrize("check_id", ["model.probe.random_init", "bias.probe_accuracy.group=group_b",
+                                      "bias.representation.group", "shift.error.site_east", "shift.accuracy.site_east",
+                                      "shift.corruptions", "memorization.group=group_b"])
+def test_an_inconclusive_check_that_protects_people_blocks_by_default(check_id: str):
+    release = decide_release(checks_of({"bias.x": "pass", check_id: "inconclusive"}), SETTINGS)
+    assert release.decision == "blocked" and release.blocked_by == [check_id]
+    drift = decide_release(checks_of({"shift.drift.site_east": "inconclusive"}), SETTINGS)
+    assert drift.decision == "approved", "drift stays advisory"
+    lenient = SETTINGS.model_copy(update={"block_on": BlockOn(inconclusive=[])})
+    assert decide_release(checks_of({check_id: "inconclusive"}), lenient).decision == "approved"
     blocked = decide_release(checks_of({"bias.x": "fail", "shift.drift.site": "fail"}), SETTINGS)
     assert blocked.decision == "blocked" and blocked.blocked_by == ["bias.x"]
 
@@ -143,8 +152,16 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     release = json.loads((governance(reported) / "release.json").read_text())
     assert release["decision"] == "blocked", "the default data under-represents group_b"
     assert "bias.representation.group" in release["blocked_by"]
-    assert {c["area"] for c in release["checks"]} == {"validation", "consent", "bias", "shift", "memorization",
-                                                      "regression"}
+    assert {c["area"] for c in release["checks"]} == {"model", "validation", "consent", "bias", "shift",
+                                                      "memorization", "regression"}
+    assert [c["id"] for c in release["checks"][:5]] == ["model.reconstruction.patch_mean", "model.probe.random_init",
+                                                        "model.probe.raw_pixels", "model.knn.random_init",
+                                                        "model.knn.raw_pixels"], "model quality first"
+    assert any(c["status"] != "pass" for c in release["checks"][:5]), "a 2-epoch model learns nothing a probe reads"
+    report_md = (governance(reported) / "report.md").read_text().splitlines()
+    assert report_md[2].startswith("**The model does not beat trivial baselines on images it never saw**"), \
+        "the report says so first"
+    assert "## Model quality" in report_md and list(release["areas"])[0] == "model"
     regression = [c for c in release["checks"] if c["area"] == "regression"]
     assert [(c["id"], c["status"]) for c in regression] == [("regression.approved_version", "not_applicable")], regression
     assert release["areas"]["regression"]["status"] == "not_applicable"
@@ -187,6 +204,7 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     card = (governance(reported) / "model_card.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "cc-by-4.0" and "release-blocked" in front["tags"]
+    assert "**The model does not beat trivial baselines" in card.split("**Release decision")[0], "first in the card"
     for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
                     "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
         assert f"## {section}" in card

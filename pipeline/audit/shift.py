@@ -190,18 +190,21 @@ def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int, seed: int | np.ran
 def domain_auc(x: np.ndarray, y: np.ndarray, folds: int) -> float:
     """Cross-validated ROC AUC of a classifier telling `y` from `x`: 0.5 when indistinguishable. The folds are
     contiguous runs of each side's rows, unshuffled: callers pass rows in keyed order (`keyed_rows`), so the
-    folds, like the rows, are a fixed function of the data and no seed can move the AUC."""
+    folds, like the rows, are a fixed function of the data and no seed can move the AUC. Fitted on one thread, as
+    the probe is (pipeline.evaluate.OneThread): lbfgs's threaded products change with the thread count."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     features = np.concatenate([x, y])
     target = np.r_[np.zeros(len(x)), np.ones(len(y))]
     folds = max(2, min(folds, len(x), len(y)))
-    scores = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), features, target,
-                               cv=StratifiedKFold(folds), method="predict_proba")
+    with threadpool_limits(limits=1):
+        scores = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)), features,
+                                   target, cv=StratifiedKFold(folds), method="predict_proba")
     return float(roc_auc_score(target, scores[:, 1]))
 
 

@@ -56,10 +56,11 @@ STATISTICS = {"difference": _difference, "relative": _relative, "ratio": _ratio}
 
 @dataclass(frozen=True)
 class Criterion:
-    """What a signed statistic is judged against. `threshold` > 0 is the tolerance; `harmful` the direction in
-    which a difference hurts; `equivalence` whether a pass needs the interval within ±threshold (a disparity
-    between groups) or only short of +threshold in the harmful direction (non-inferiority: doing better than
-    the reference is no harm)."""
+    """What a signed statistic is judged against. `threshold` > 0 is the tolerance (0: none, a superiority test,
+    which an interval that reaches 0 does not pass; below 0: a margin to beat the reference by); `harmful` the
+    direction in which a difference hurts; `equivalence` whether a pass needs the interval within ±threshold (a
+    disparity between groups) or only short of +threshold in the harmful direction (non-inferiority: doing better
+    than the reference is no harm)."""
 
     threshold: float
     harmful: Literal["higher", "lower"]
@@ -81,7 +82,8 @@ def decide(low: float, high: float, criterion: Criterion) -> str:
     low, high = criterion.harm(low, high)
     if low > criterion.threshold:
         return "fail"
-    if high <= criterion.threshold and (not criterion.equivalence or low >= -criterion.threshold):
+    within = high < 0 if criterion.threshold == 0 else high <= criterion.threshold
+    if within and (not criterion.equivalence or low >= -criterion.threshold):
         return "pass"
     return "inconclusive"
 
@@ -128,8 +130,8 @@ def edges(criterion: Criterion) -> tuple[float, ...]:
     """The thresholds a signed interval is compared with: ±threshold, or the harmful side only."""
     t = criterion.threshold
     if criterion.equivalence:
-        return (-t, t)
-    return (t,) if criterion.harmful == "higher" else (-t,)
+        return (0.0 - t, t)
+    return (t,) if criterion.harmful == "higher" else (0.0 - t,)  # 0.0 - t: a zero threshold reads 0, not -0
 
 
 def inconclusive_reason(low: float, high: float, errors: Sequence[float], criterion: Criterion,
@@ -146,8 +148,8 @@ def inconclusive_reason(low: float, high: float, errors: Sequence[float], criter
     if criterion.equivalence:
         band = f"within ±{t:g}"
     else:
-        band = f"below {t:g}" if criterion.harmful == "higher" else f"above {-t:g}"
-    beyond = f"above {t:g}" if criterion.harmful == "higher" else f"below {-t:g}"
+        band = f"below {t:g}" if criterion.harmful == "higher" else f"above {0.0 - t:g}"
+    beyond = f"above {t:g}" if criterion.harmful == "higher" else f"below {0.0 - t:g}"
     return (f"the interval [{low:.4f}, {high:.4f}] lies neither wholly {band} (pass) nor wholly {beyond} (fail): "
             "more data would decide")
 

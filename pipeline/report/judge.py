@@ -1,7 +1,7 @@
 """The report's own checks and the release decision: pure functions, typed evidence in, checks and a decision out.
 
-Validation and consent are judged here; memorization by its owner (pipeline.audit.memorization); bias and shift
-checks come from the audits as they wrote them, every field kept.
+Validation and consent are judged here; model quality and memorization by their owners (pipeline.audit.quality,
+pipeline.audit.memorization); bias and shift checks come from the audits as they wrote them, every field kept.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pandas as pd
 from pipeline.artifacts import GOVERNANCE, INGESTED, QUARANTINE, VALIDATION
 from pipeline.audit import overall_status
 from pipeline.audit.memorization import memorization
+from pipeline.audit.quality import quality_checks
 from pipeline.cards import DataCard
 from pipeline.contracts import (
     AREAS,
@@ -72,13 +73,13 @@ def judge(params: Params, dataset: str, cards: dict[str, DataCard], counts: dict
           validation: ValidationSummary, training: pd.DataFrame, samples: pd.DataFrame, bias: BiasResult,
           shift: ShiftResult, withdrawn: frozenset[str], approved: Approved | None, run_id: str
           ) -> tuple[list[Check], dict[str, MemorizationRow]]:
-    """Every check of the release, in the order the report shows them, and the memorization table; the last are
-    the candidate against the approved model (`approved`, None when no version is approved). `dataset` is the one
-    evaluated and audited; consent is judged for every dataset in `counts` (each one the model trained on), on its
-    rows of `training`."""
+    """Every check of the release, in the order the report shows them, and the memorization table: first whether
+    the model beats trivial baselines, last the candidate against the approved model (`approved`, None when no
+    version is approved). `dataset` is the one evaluated and audited; consent is judged for every dataset in
+    `counts` (each one the model trained on), on its rows of `training`."""
     attributes = [a.name for a in cards[dataset].sensitive_attributes]
     memorized, table = memorization(samples, attributes, params.report, params.audit_bias.min_group_size)
-    checks = [validation_check(validation)]
+    checks = quality_checks(samples, params.report) + [validation_check(validation)]
     for name, read in counts.items():
         checks += consent_checks(name, cards[name], params, read, training[training["dataset"] == name], withdrawn)
     checks += bias.checks + shift.checks + memorized

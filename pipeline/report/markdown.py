@@ -4,6 +4,7 @@ or a metadata file passes through `text()` or `code()` (pipeline.render)."""
 from __future__ import annotations
 
 from pipeline.artifacts import BIAS, INGESTED, QUARANTINE, SHIFT, VALIDATION
+from pipeline.contracts import Check
 from pipeline.policy import REASONS
 from pipeline.presets import POOL_NAMES
 from pipeline.render import (
@@ -13,6 +14,7 @@ from pipeline.render import (
     evidence_table,
     figure,
     fmt,
+    inconclusive_list,
     representation_table,
     table,
     text,
@@ -32,8 +34,9 @@ def report_markdown(evidence: Evidence) -> str:
     """The whole report."""
     release, model = evidence.release, evidence.model
     checks = release.checks
-    lines = [f"# Governance report: MAE encoder on {' + '.join(map(text, evidence.training_records))}", "",
-             f"## Release decision: {release.decision.upper()}", ""]
+    lines = [f"# Governance report: MAE encoder on {' + '.join(map(text, evidence.training_records))}", ""]
+    lines += quality_statement(checks)
+    lines += [f"## Release decision: {release.decision.upper()}", ""]
     policy = "; ".join(f"{status} blocks {', '.join(patterns)}" for status, patterns in release.policy.block_on.items()
                        if patterns)
     by_id = {c.id: c for c in checks}
@@ -54,7 +57,9 @@ def report_markdown(evidence: Evidence) -> str:
                   f" (uncommitted changes: {text(model.git_changed_paths or 'paths not recorded')})"
                   if model.git_dirty == "true" else "")
               + ".", "", audited_sentence(evidence), "",
-              "Every number below is a measurement on this model and this data. Disparities are signed "
+              "Every number below is a measurement on this model and this data. Model quality is the model against "
+              "trivial baselines on the same unseen images (paired bootstrap), passed only when the whole interval "
+              "shows it ahead. Disparities are signed "
               "differences against a named reference (a group, in-distribution images, training images), with "
               "bootstrap intervals at the confidence shown, adjusted (Bonferroni) where several groups are compared. "
               "A group check passes only when its whole interval lies within plus or minus the threshold "
@@ -66,11 +71,25 @@ def report_markdown(evidence: Evidence) -> str:
               "twice the tolerance, and the images that would give an 80% pass at no gap and an 80% fail at "
               "twice the tolerance.", "", "## Release checks", ""]
     lines += checks_table(checks) + evidence_table(checks)
-    for section in (provenance_section, consent_section, validation_section, training_section, evaluation_section,
-                    bias_section, shift_section, memorization_section, regression_section, overtrust_section,
-                    uses_section):
+    for section in (quality_section, provenance_section, consent_section, validation_section, training_section,
+                    evaluation_section, bias_section, shift_section, memorization_section, regression_section,
+                    overtrust_section, uses_section):
         lines += section(evidence)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def quality_statement(checks: list[Check]) -> list[str]:
+    """What a reviewer reads first when a model check failed or was inconclusive: the model does not beat trivial
+    baselines, so nothing else the report says makes it worth releasing. Empty when every model check passed."""
+    failed = [code(c.id) for c in checks if c.area == "model" and c.status == "fail"]
+    unsettled = [code(c.id) for c in checks if c.area == "model" and c.status == "inconclusive"]
+    if not failed and not unsettled:
+        return []
+    found = ([f"behind them (or short of the required margin) on {', '.join(failed)} (fail)"] if failed else []) + (
+        [f"not shown ahead on {', '.join(unsettled)} (inconclusive)"] if unsettled else [])
+    return [f"**The model does not beat trivial baselines on images it never saw**: {'; '.join(found)}. A model that "
+            "does not beat predicting each patch's mean, an untrained encoder or raw pixels has learnt nothing worth "
+            "releasing, whatever the other checks say (see Model quality).", ""]
 
 
 def audited_sentence(evidence: Evidence) -> str:
@@ -83,6 +102,21 @@ def audited_sentence(evidence: Evidence) -> str:
     return (sentence + f". **Trained on but not audited: {', '.join(map(text, evidence.not_audited))}**: no "
             "evaluation, bias, shift or memorization check below covers their images; consent is checked for "
             "every dataset.")
+
+
+def quality_section(evidence: Evidence) -> list[str]:
+    lines = ['<a id="model-quality"></a>', "", "## Model quality", "",
+             "The model against trivial baselines on the images it never saw (val and test), image by image on the "
+             "same images: its hidden-pixel error against predicting each hidden patch's own mean (same masks), and "
+             "where there are labels its probe and kNN against the same classifiers on an untrained encoder's "
+             "features and on raw pixels (a seeded sample of each split, so those pairs are that sample's images). "
+             "A check passes only when its whole interval shows the model ahead by at least "
+             "`report.min_margin_over_baselines` (0: ahead at all), and fails when it shows it behind (or short of "
+             "that margin).", ""]
+    checks = evidence.checks("model")
+    idle = [f"- {code(c.id)}: {text(c.reason)}" for c in checks if c.status == "not_applicable"]
+    return lines + checks_table(checks) + inconclusive_list(checks) + (["Not applicable:", ""] + idle + [""]
+                                                                       if idle else [])
 
 
 def provenance_section(evidence: Evidence) -> list[str]:

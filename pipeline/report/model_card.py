@@ -6,6 +6,7 @@ from __future__ import annotations
 from pipeline.presets import POOL_NAMES
 from pipeline.render import checks_table, code, evidence_table, text
 from pipeline.report.evidence import Evidence
+from pipeline.report.markdown import quality_statement
 
 
 def model_card(evidence: Evidence) -> str:
@@ -20,7 +21,7 @@ def model_card(evidence: Evidence) -> str:
                          pipeline_tag="image-feature-extraction", datasets=list(cards),
                          tags=["masked-autoencoder", "vit", "governance-audited", f"release-{release.decision}"],
                          model_name=model.registered_model)
-    lines = [f"# {model.registered_model} (version {model.version})", "",
+    lines = [f"# {model.registered_model} (version {model.version})", ""] + quality_statement(release.checks) + [
              f"**Release decision: {release.decision.upper()}.** The governance report "
              "(`report.html`, `report.md`) and `release.json` are logged beside this model.", "",
              "## Model details", "",
@@ -36,7 +37,9 @@ def model_card(evidence: Evidence) -> str:
               "## Factors", "", "Groups audited (sensitive attributes from the data card, and their intersections): "
               + (", ".join(map(text, evidence.bias.groupings)) or "none declared") + ". Domains held out for the "
               "shift audit: " + (", ".join(map(text, evidence.shift.held_out_domains)) or "none") + ".", "",
-              "## Metrics", "", "Hidden-pixel reconstruction MSE and PSNR against a random-init model and a patch-mean "
+              "## Metrics", "", "Model quality: hidden-pixel error against a patch-mean predictor, probe and kNN "
+              "accuracy against random-init and raw-pixel features, paired on the same unseen images (the model "
+              "checks). Hidden-pixel reconstruction MSE and PSNR against a random-init model and a patch-mean "
               "predictor; linear-probe and kNN top-1 accuracy on frozen features against random-init and raw-pixel "
               "features; per-group gaps with bootstrap intervals (fairlearn MetricFrame); held-out domain error "
               "increase, corruption error, MMD drift test; train against unseen error for memorization.", "",
@@ -49,7 +52,7 @@ def model_card(evidence: Evidence) -> str:
               f"{cards[name].consent.basis})" for name, count in evidence.training_records.items()]
     lines += ["", "Record ids, with their dataset, in `governance/training_records.csv` on the MLflow run.", "",
               "## Quantitative analyses", ""]
-    for area in ("bias", "shift", "memorization"):
+    for area in ("model", "bias", "shift", "memorization"):
         lines += [f"### {area}", ""] + checks_table(evidence.checks(area)) + evidence_table(evidence.checks(area))
     lines += ["Intersectional groups are included in the bias checks above (ids with `x`).", "",
               "## Ethical considerations", ""]
