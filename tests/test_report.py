@@ -40,7 +40,7 @@ def checks_of(statuses: dict[str, str]) -> list[Check]:
 def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
     checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "memorization.overall": "inconclusive"})
     release = decide_release(checks, SETTINGS)
-    assert release.decision == "approved" and release.blocked_by == []
+    assert release.decision == "eligible" and release.blocked_by == []
     assert release.areas["shift"].model_dump() == {"status": "inconclusive", "advisory": "fail"}
     assert [c.blocking for c in release.checks] == [True, False, True] and checks[1].blocking is None
 

@@ -91,8 +91,9 @@ def _worst(statuses: list[str]) -> str:
 
 
 def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDecision:
-    """Approved only when no blocking check has a blocking status; advisory checks are shown, not counted, and so
-    are not_applicable ones (an area with nothing else is not_applicable)."""
+    """Eligible (for a person's sign-off) only when no blocking check has a blocking status; advisory checks are
+    shown, not counted, and so are not_applicable ones (an area with nothing else is not_applicable). The gate
+    proposes; only a sign-off (pipeline.review) approves."""
     decided = [c.model_copy(update={"blocking": not any(fnmatch.fnmatchcase(c.id, p) for p in settings.advisory)})
                for c in checks]
     blockers = [c.id for c in decided if c.blocking and c.status in settings.block_on]
@@ -101,6 +102,6 @@ def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDeci
         blocking = [c.status for c in decided if c.area == area and c.blocking]
         advisory = [c.status for c in decided if c.area == area and not c.blocking]
         areas[area] = AreaStatus(status=_worst(blocking), advisory=_worst(advisory) if advisory else None)
-    return ReleaseDecision(decision="blocked" if blockers else "approved", blocked_by=blockers, areas=areas,
+    return ReleaseDecision(decision="blocked" if blockers else "eligible", blocked_by=blockers, areas=areas,
                     policy=ReleasePolicy(block_on=list(settings.block_on), advisory=list(settings.advisory)),
                     checks=decided)
