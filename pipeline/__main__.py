@@ -105,8 +105,9 @@ def _report(args: argparse.Namespace) -> int:
     from pipeline.report.stage import report
 
     result = report(params_path=args.params, cards_dir=args.cards)
-    log.info("release decision: %s (%d blocking checks); %s version %s; report: %s", result.decision.upper(),
-             len(result.blocked_by), result.model.registered_model, result.model.version, result.report.html)
+    log.info("automated outcome: %s (%d blocking checks); sign-off: %s; %s version %s; report: %s",
+             result.decision.upper(), len(result.blocked_by), result.review.state, result.model.registered_model,
+             result.model.version, result.report.html)
     return 0
 
 
@@ -177,7 +178,7 @@ def _review_sign(args: argparse.Namespace) -> int:
     from pipeline.artifacts import Layout
     from pipeline.review.actions import Request, sign_off
 
-    waivers = list(args.waive or [])
+    waivers = list(args.waive or [])  # approve's --waive; none for reject
     if args.review_command == "waive":
         waivers += [f"{args.check}={args.reason},{args.expires}"]
     request = Request(decision=args.review_command, reviewer=args.reviewer, key=args.key, comment=args.comment,
@@ -331,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
           "blocked when a check not listed under report.advisory has a status in report.block_on. Writes "
           "reports/governance/ (report.html that opens offline, report.md, model_card.md, release.json, "
           "training_records.csv, croissant/<dataset>.json, figures/), registers the encoder as a version of "
-          "report.registered_model with the decision and data hashes as tags, alias `candidate` on it and "
-          "`approved` only when approved, and logs the folder to the model's run. Exit status 0 whatever the "
-          "decision.", _report)
+          "report.registered_model with the decision and data hashes as tags and alias `candidate` on it, and "
+          "logs the folder to the model's run. The decision is eligible or blocked: the alias `approved` moves "
+          "only with reviewers' sign-offs (`review`), which still hold when a re-run changed nothing they "
+          "signed; with report.require_signoff false, whenever the version is eligible. Exit status 0 whatever "
+          "the decision.", _report)
     release = stage("release", "the release gate: exit 0 only for a signed-off version of the current model",
                     "Read reports/governance/release.json and print every check that blocks the release (one per "
                     "line). With report.require_signoff (the default) run `verify` on its version and exit 0 only "
@@ -367,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--reviewer", required=True, help="your name as governance/reviewers.yaml lists it")
             sub.add_argument("--key", type=Path, required=True, help="your private key file (review keygen)")
             sub.add_argument("--comment", required=True, help="what you checked and why you decide so")
-        sub.set_defaults(handler=handler, tracked=True)
+        sub.set_defaults(handler=handler, tracked=True, waive=None)
         return sub
 
     review_action("show", "what a version's review stands at",
@@ -390,7 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
     waive.add_argument("--check", required=True, help="the check id (as release.json names it)")
     waive.add_argument("--reason", required=True, help="why the risk is accepted")
     waive.add_argument("--expires", required=True, help="last day the waiver holds (YYYY-MM-DD)")
-    waive.set_defaults(waive=None)
     verify = stage("verify", "check a version's sign-offs against the files, keys and withdrawals",
                    "Recompute every digest the version's sign-offs name (from the workspace and the registry), "
                    "verify their signatures against governance/reviewers.yaml, check their waivers (expiry, worse "

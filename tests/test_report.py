@@ -192,7 +192,8 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
         assert f"## {section}" in card
 
 
-def test_an_approving_policy_moves_the_approved_alias_and_the_gate_opens(reported: Workspace, tmp_path: Path):
+def test_without_required_signoff_an_eligible_version_is_approved_and_the_report_says_no_human_signed(
+        reported: Workspace, tmp_path: Path):
     params = yaml.safe_load((reported.root / "params.yaml").read_text())
     params["report"]["advisory"] = ["*"]  # every check reported, none blocking
     lenient = tmp_path / "params.yaml"
@@ -201,10 +202,21 @@ def test_an_approving_policy_moves_the_approved_alias_and_the_gate_opens(reporte
     try:
         assert reported.run("report", "--params", str(lenient)).returncode == 0
         release = json.loads((governance(reported) / "release.json").read_text())
-        assert release["decision"] == "approved"
+        assert release["decision"] == "eligible" and release["review"]["state"] == "awaiting sign-off"
+        assert "approved" not in client.get_registered_model("mae-encoder").aliases, "the gate alone approves nothing"
+        gate = reported.run("release", "--params", str(lenient))
+        assert gate.returncode == 1 and "sign-off: awaiting sign-off" in gate.stdout, gate.stdout + gate.stderr
+
+        params["report"]["require_signoff"] = False
+        lenient.write_text(yaml.safe_dump(params))
+        assert reported.run("report", "--params", str(lenient)).returncode == 0
+        release = json.loads((governance(reported) / "release.json").read_text())
+        assert release["decision"] == "eligible" and release["review"]["state"] == "not required"
         assert client.get_model_version_by_alias("mae-encoder", "approved").version == release["model"]["version"]
-        gate = reported.run("release")
-        assert gate.returncode == 0 and "release decision: APPROVED" in gate.stdout
+        for name in ("report.md", "model_card.md"):
+            assert "No human signed" in (governance(reported) / name).read_text(), name
+        gate = reported.run("release", "--params", str(lenient))
+        assert gate.returncode == 0 and "release decision: APPROVED" in gate.stdout and "no human signed" in gate.stdout
     finally:
         assert reported.run("report").returncode == 0
     assert "approved" not in client.get_registered_model("mae-encoder").aliases, "a blocked report withdraws it"

@@ -49,9 +49,11 @@ def _name(path: Path, root: Path) -> str:
 def model_digests(model_uri: str) -> dict[str, dict[str, str]]:
     """SHA-256 of every file of the registered version's logged model, downloaded from the registry; its
     governance/ copy of the report is not the model (and is covered as the report files)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    from pipeline.tracking import connect
+
+    mlflow = connect()
     try:
         with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
             root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))

@@ -76,18 +76,18 @@ def evaluate(records: list[Recorded], now: dict[str, dict[str, str]], release: R
                                      envelope_sha256=record.envelope_sha256, problems=problems))
         if not problems:
             holding.append(predicate)
-    problems = [p for view in views for p in view.problems]
-    problems += [p for r in records if r.opened.predicate is None for p in r.opened.problems]
+    # a sign-off that no longer holds is shown, and named as a problem only while the version is not approved
+    void = [p for view in views for p in view.problems]
+    void += [p for r in records if r.opened.predicate is None for p in r.opened.problems]
     if not settings.require_signoff:
-        state = "not required"
+        state, problems = "not required", void
     elif any(p.decision == "reject" for p in holding):
         state = "rejected"
-        problems += [f"rejected by {p.reviewer} on {p.time}" for p in holding if p.decision == "reject"]
+        problems = void + [f"rejected by {p.reviewer} on {p.time}" for p in holding if p.decision == "reject"]
     else:
-        state = "awaiting sign-off"
-        problems += state_problems(holding, release, settings, withdrawn, withdrawals_file)
-        if not problems:
-            state = "approved"
+        problems = state_problems(holding, release, settings, withdrawn, withdrawals_file)
+        state = "awaiting sign-off" if problems else "approved"
+        problems = void + problems if problems else []
     return Review(required=settings.require_signoff, required_signoffs=settings.required_signoffs, state=state,
                   signoffs=views, problems=problems)
 
