@@ -105,21 +105,102 @@ def _report(args: argparse.Namespace) -> int:
     from pipeline.report.stage import report
 
     result = report(params_path=args.params, cards_dir=args.cards)
-    log.info("release decision: %s (%d blocking checks); %s version %s; report: %s", result.decision.upper(),
-             len(result.blocked_by), result.model.registered_model, result.model.version, result.report.html)
+    log.info("automated outcome: %s (%d blocking checks); sign-off: %s; %s version %s; report: %s",
+             result.decision.upper(), len(result.blocked_by), result.review.state, result.model.registered_model,
+             result.model.version, result.report.html)
     return 0
 
 
 def _release(args: argparse.Namespace) -> int:
     from pipeline.artifacts import Layout
+    from pipeline.params import load_params
     from pipeline.registry import release_gate
 
     layout = Layout()
-    approved, lines = release_gate(args.release_file or layout.release_file, layout.run_file)
+    release, lines = release_gate(args.release_file or layout.release_file, layout.run_file)
     for line in lines:
         print(line)
+    settings = load_params(args.params).report
+    if release is None:
+        approved = False
+    elif not settings.require_signoff:
+        approved = release.decision == "eligible"
+        print("no human signed: report.require_signoff is false, the automated outcome decides")
+    else:
+        from pipeline.review.actions import verify
+        from pipeline.tracking import reachable
+
+        with reachable():
+            _, review = verify(release.model.version, args.params, args.cards, layout)
+        for line in review.problems:
+            print(line)
+        approved = review.state == "approved"
+        print(f"sign-off: {review.state}")
     print(f"release decision: {'APPROVED' if approved else 'BLOCKED'}; report: {layout.governance / 'report.html'}")
     return 0 if approved else 1
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from pipeline.review.reviewers import keygen
+
+    line = keygen(args.out)
+    log.info("private key written to %s (readable by you only; never commit it)", args.out)
+    print(f"public_key: {line}")
+    return 0
+
+
+def _show_review(release, review) -> None:
+    model = release.model
+    print(f"{model.registered_model} version {model.version} (run {model.run_id}): automated outcome "
+          f"{release.decision}; sign-off: {review.state} ({review.required_signoffs} approvals required)")
+    for check in release.checks:
+        if check.status in ("fail", "inconclusive"):
+            blocking = "blocking" if check.id in release.blocked_by else "not blocking"
+            print(f"  {check.id}: {check.status}, {blocking} (waivable)")
+    for view in review.signoffs:
+        waived = ", ".join(f"{w.check} until {w.expires}" for w in view.waivers) or "no waivers"
+        holds = "holds" if not view.problems else f"void: {'; '.join(view.problems)}"
+        print(f"  {view.time} {view.reviewer}: {view.decision}, {waived}; {holds}")
+    for line in review.problems:
+        print(f"  not approved: {line}")
+
+
+def _review_show(args: argparse.Namespace) -> int:
+    from pipeline.artifacts import Layout
+    from pipeline.review.actions import verify
+
+    release, review = verify(args.version, args.params, args.cards, Layout())
+    _show_review(release, review)
+    return 0
+
+
+def _review_sign(args: argparse.Namespace) -> int:
+    from pipeline.artifacts import Layout
+    from pipeline.review.actions import Request, sign_off
+
+    waivers = list(args.waive or [])  # approve's --waive; none for reject
+    if args.review_command == "waive":
+        waivers += [f"{args.check}={args.reason},{args.expires}"]
+    request = Request(decision=args.review_command, reviewer=args.reviewer, key=args.key, comment=args.comment,
+                      waivers=waivers)
+    layout = Layout()
+    review = sign_off(request, args.version, args.params, args.cards, layout)
+    _show_review(layout.release(), review)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.artifacts import Layout
+    from pipeline.review.actions import verify
+
+    release, review = verify(args.version, args.params, args.cards, Layout())
+    for line in review.problems:
+        print(line)
+    model = release.model
+    reviewers = ", ".join(sorted({v.reviewer for v in review.signoffs if not v.problems})) or "nobody"
+    print(f"{model.registered_model} version {model.version}: sign-off {review.state} (holding sign-offs: "
+          f"{reviewers}); {len(review.problems)} problems")
+    return 0 if review.state in ("approved", "not required") and not review.problems else 1
 
 
 def _consent_check(args: argparse.Namespace) -> int:
@@ -253,17 +334,74 @@ def build_parser() -> argparse.ArgumentParser:
           "report.advisory has a status that report.block_on says blocks it. Writes "
           "reports/governance/ (report.html that opens offline, report.md, model_card.md, release.json, "
           "training_records.csv, croissant/<dataset>.json, figures/), registers the encoder as a version of "
-          "report.registered_model with the decision and data hashes as tags, alias `candidate` on it and "
-          "`approved` only when approved, and logs the folder to the model's run. Exit status 0 whatever the "
-          "decision.", _report)
-    release = commands.add_parser(
-        "release", help="the release gate: exit 0 only when the current report approves the model",
-        description="Read reports/governance/release.json, print every check that blocks the release (one per line) "
-        "and the decision. Exit 0 only when the decision is approved and the report was written for the current "
-        "model (models/mae/run.json); otherwise 1. For a CI/CD release job.")
+          "report.registered_model with the decision and data hashes as tags and alias `candidate` on it, and "
+          "logs the folder to the model's run. The decision is eligible or blocked: the alias `approved` moves "
+          "only with reviewers' sign-offs (`review`), which still hold when a re-run changed nothing they "
+          "signed; with report.require_signoff false, whenever the version is eligible. Exit status 0 whatever "
+          "the decision.", _report)
+    release = stage("release", "the release gate: exit 0 only for a signed-off version of the current model",
+                    "Read reports/governance/release.json and print every check that blocks the release (one per "
+                    "line). With report.require_signoff (the default) run `verify` on its version and exit 0 only "
+                    "when its sign-offs approve it: they verify, still match every file they name, and cover each "
+                    "blocking check with a holding waiver; with require_signoff false, exit 0 when the automated "
+                    "outcome is eligible. Exit 1 otherwise, or when the report was written for another model than "
+                    "models/mae/run.json's. For a CI/CD release job.", _release, tracked=False)
     release.add_argument("--release-file", type=Path,
                          help="release decision to check (default: reports/governance/release.json)")
-    release.set_defaults(handler=_release)
+    review = commands.add_parser(
+        "review", help="a reviewer signs off a registered version: show, approve, reject, waive, keygen",
+        description="The gate proposes (eligible / blocked), a person disposes. A sign-off is an in-toto Statement "
+        "naming the SHA-256 of what was reviewed (release.json, report.html, report.md, model_card.md, the model "
+        "files, training_records.csv, each training dataset's manifest and card, params.yaml, the git commit), "
+        "signed with the reviewer's Ed25519 key in a DSSE envelope, logged on the version's MLflow run with "
+        "version tags. The key must be listed in report.reviewers_file (governance/reviewers.yaml). The alias "
+        "`approved` moves when report.required_signoffs reviewers approve and every blocking check is waived.")
+    actions = review.add_subparsers(dest="review_command", required=True, metavar="ACTION")
+    keygen = actions.add_parser("keygen", help="make a reviewer's key pair",
+                                description="Write a new Ed25519 private key (PEM, readable by you only) to --out "
+                                "and print the public key line to add under your name in governance/reviewers.yaml.")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file to create (never overwritten)")
+    keygen.set_defaults(handler=_keygen)
+
+    def review_action(name: str, help: str, description: str, handler, signs: bool) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=description)
+        sub.add_argument("--version", help="registered version (default: the one reports/governance describes)")
+        sub.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        sub.add_argument("--cards", type=Path, default=Path("data_cards"), help="folder of data cards")
+        if signs:
+            sub.add_argument("--reviewer", required=True, help="your name as governance/reviewers.yaml lists it")
+            sub.add_argument("--key", type=Path, required=True, help="your private key file (review keygen)")
+            sub.add_argument("--comment", required=True, help="what you checked and why you decide so")
+        sub.set_defaults(handler=handler, tracked=True, waive=None)
+        return sub
+
+    review_action("show", "what a version's review stands at",
+                  "Print the version's automated outcome, its fail and inconclusive checks (the waivable ones), "
+                  "every recorded sign-off and whether it still holds, and what stands between it and approval.",
+                  _review_show, signs=False)
+    waive_help = "waive a fail or inconclusive check: CHECK_ID=reason,YYYY-MM-DD (repeatable)"
+    review_action("approve", "approve the version (with waivers for any blocking check)",
+                  "Sign an approval of the report in reports/governance. A blocked version is approved only with "
+                  "a --waive for each blocking check; a waiver binds to the check's evidence now, and a later "
+                  "report with worse evidence, or its expiry, voids it.", _review_sign,
+                  signs=True).add_argument("--waive", action="append", metavar="CHECK_ID=REASON,EXPIRY",
+                                           help=waive_help)
+    review_action("reject", "reject the version: the alias approved leaves it",
+                  "Sign a rejection of the report in reports/governance. While it holds, the version is not "
+                  "approved, whoever else approves it.", _review_sign, signs=True)
+    waive = review_action("waive", "waive one check without approving",
+                          "Sign a waiver of one fail or inconclusive check, with a justification and an expiry "
+                          "date, for another reviewer's approval to count on.", _review_sign, signs=True)
+    waive.add_argument("--check", required=True, help="the check id (as release.json names it)")
+    waive.add_argument("--reason", required=True, help="why the risk is accepted")
+    waive.add_argument("--expires", required=True, help="last day the waiver holds (YYYY-MM-DD)")
+    verify = stage("verify", "check a version's sign-offs against the files, keys and withdrawals",
+                   "Recompute every digest the version's sign-offs name (from the workspace and the registry), "
+                   "verify their signatures against governance/reviewers.yaml, check their waivers (expiry, worse "
+                   "evidence) and that no consent withdrawal touches the version's training records. Exit 0 when "
+                   "the sign-offs approve the version, else 1 with one line per problem naming the file or check.",
+                   _verify)
+    verify.add_argument("--version", help="registered version (default: the one reports/governance describes)")
     stage("consent-check", "list registered model versions trained on withdrawn records",
           "Read the withdrawals file (policy.withdrawals_file: record ids, pixel sha256s or source-file sha256s) "
           "and every registered version of report.registered_model with the training record ids logged beside "

@@ -26,6 +26,8 @@ CheckStatus = Literal["pass", "inconclusive", "fail", "not_applicable"]
 Area = Literal["model", "validation", "consent", "bias", "shift", "memorization", "regression"]
 AREAS: tuple[Area, ...] = ("model", "validation", "consent", "bias", "shift", "memorization", "regression")
 Interval = tuple[float, float]
+# what the gate proposes: a person disposes (pipeline.review); `approved` is a sign-off's outcome, never the gate's
+Decision = Literal["eligible", "blocked"]
 
 
 class Contract(BaseModel):
@@ -501,9 +503,10 @@ class ReleasePolicy(Contract):
 
 
 class ReleaseDecision(Contract):
-    """The release decision over a set of checks (report.judge.decide_release)."""
+    """The automated outcome over a set of checks (report.judge.decide_release): eligible for a sign-off, or
+    blocked until waivers cover every blocking check."""
 
-    decision: Literal["approved", "blocked"]
+    decision: Decision
     blocked_by: list[str]
     areas: dict[str, AreaStatus]
     policy: ReleasePolicy
@@ -534,9 +537,10 @@ class ReportPaths(Contract):
 
 
 class Release(Contract):
-    """reports/governance/release.json: what the release gate and the registry read."""
+    """reports/governance/release.json: what the release gate and the registry read. `review` is the sign-off
+    block: rewritten in place by each sign-off, so it is left out of the digest a sign-off takes of this file."""
 
-    decision: Literal["approved", "blocked"]
+    decision: Decision
     blocked_by: list[str]
     areas: dict[str, AreaStatus]
     policy: ReleasePolicy
@@ -544,6 +548,7 @@ class Release(Contract):
     data_hashes: dict[str, str]
     report: ReportPaths
     checks: list[Check]
+    review: Review | None = None  # None: written before sign-off existed
 
 
 class MemorizationRow(Contract):
@@ -557,3 +562,59 @@ class MemorizationRow(Contract):
     status: Status
     value: float | None
     interval: Interval | None
+
+
+# ---------------------------------------------------------------- human sign-off (pipeline.review)
+
+SignoffDecision = Literal["approve", "reject", "waive"]
+ReviewState = Literal["awaiting sign-off", "approved", "rejected", "not required"]
+
+
+class Waiver(Contract):
+    """A reviewer's written acceptance of a fail or inconclusive check, bound to the evidence it was granted on:
+    a later report whose evidence for the check is worse, or the day after `expires`, voids it."""
+
+    check: str
+    reason: str
+    expires: str  # ISO date, the last day the waiver holds
+    status: CheckStatus  # the check's evidence when the waiver was granted
+    value: float | int | str | None = None
+    interval: Interval | None = None
+    harmful: Literal["higher", "lower"] | None = None
+
+
+class SignoffPredicate(Contract):
+    """What a reviewer states: the predicate of the signed in-toto Statement (the subjects carry the digests)."""
+
+    reviewer: str
+    time: str  # UTC, ISO 8601
+    decision: SignoffDecision
+    comment: str
+    waivers: list[Waiver]
+    registered_model: str
+    version: str
+    run_id: str
+
+
+class SignoffView(Contract):
+    """One sign-off as the report, release.json and `review show` state it: what was signed, the digest of the
+    signed envelope (as the MLflow version tag), and why it does not hold, if it does not."""
+
+    reviewer: str
+    time: str
+    decision: SignoffDecision
+    comment: str
+    waivers: list[Waiver]
+    envelope_sha256: str
+    problems: list[str]
+
+
+class Review(Contract):
+    """The human side of the release: the sign-offs recorded for this version and what they add up to."""
+
+    required: bool  # report.require_signoff
+    required_signoffs: int
+    state: ReviewState
+    signoffs: list[SignoffView]
+    problems: list[str]  # why the state is not approved: one line each, naming the file or check
+Release.model_rebuild()

@@ -393,6 +393,12 @@ class ReportSettings(BootstrapSettings):
     max_regression: MaxRegression = MaxRegression()
     min_margin_over_baselines: BaselineMargins = BaselineMargins()
     figure_width: int = Field(default=720, ge=100)
+    # the gate proposes, a person disposes: alias `approved` only from valid sign-offs (pipeline.review)
+    require_signoff: bool = Field(default=True, description="false: an eligible version is approved by the gate "
+                                                            "alone, and the report says no human signed")
+    required_signoffs: int = Field(default=1, ge=1, description="distinct reviewers whose approval is needed")
+    forbid_self_signoff: bool = Field(default=False, description="refuse the training run's author as reviewer")
+    reviewers_file: str = Field(default="governance/reviewers.yaml", description="reviewers' public keys and roles")
 
 
 class Params(_Strict):

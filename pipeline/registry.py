@@ -80,7 +80,10 @@ def register_version(name: str, run: RunRecord, decision: str) -> str:
 
 def log_report(name: str, version: str, run: RunRecord, folder: Path, release: Release) -> None:
     """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases.
-    `release` is what the report wrote to release.json."""
+    `release` is what the report wrote to release.json. With report.require_signoff, only sign-offs that still
+    hold against this report keep (or put) the alias `approved` on the version (pipeline.review)."""
+    from pipeline.review.store import set_review_tags
+
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -101,14 +104,19 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
             tags["git.changed_paths"] = release.model.git_changed_paths
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        client.update_model_version(name, version, description=f"Release {release.decision}: "
-                                    f"{len(release.blocked_by)} blocking checks. Governance report: run "
-                                    f"{run.run_id}, artifacts governance/report.html")
+        review = release.review
+        client.update_model_version(name, version, description=f"Automated outcome {release.decision}: "
+                                    f"{len(release.blocked_by)} blocking checks; sign-off: {review.state}. "
+                                    f"Governance report: run {run.run_id}, artifacts governance/report.html")
         client.set_registered_model_alias(name, "candidate", version)
-        if release.decision == "approved":
-            client.set_registered_model_alias(name, "approved", version)
-        elif _alias_version(client, name, "approved") == version:
-            client.delete_registered_model_alias(name, "approved")
+        if not review.required:  # the automatic path: no human signs, the gate's outcome moves the alias
+            client.set_model_version_tag(name, version, "review.state", "not required: no human signed")
+            if release.decision == "eligible":
+                client.set_registered_model_alias(name, "approved", version)
+            elif _alias_version(client, name, "approved") == version:
+                client.delete_registered_model_alias(name, "approved")
+        else:
+            set_review_tags(client, release, review)
     except MlflowException as exc:
         raise mlflow_error(f"cannot record the report on {name} version {version}", exc) from None
 
@@ -165,13 +173,13 @@ def approved_version(name: str) -> Approved | None:
 
 # ---------------------------------------------------------------- release gate
 
-def release_gate(release_file: Path, run_file: Path) -> tuple[bool, list[str]]:
-    """(approved, lines to print). Refuses a report written for another model than the current one."""
+def release_gate(release_file: Path, run_file: Path) -> tuple[Release | None, list[str]]:
+    """(the release when it was written for the current model, else None; lines to print): the blocking checks."""
     release = read_json(release_file, Release)
     current = read_json(run_file, RunRecord).run_id
     if release.model.run_id != current:
-        return False, [f"stale: {release_file} was written for run {release.model.run_id}, the current model "
-                       f"is run {current}; run `dvc repro`"]
+        return None, [f"stale: {release_file} was written for run {release.model.run_id}, the current model "
+                      f"is run {current}; run `dvc repro`"]
     checks = {c.id: c for c in release.checks}
     lines = []
     for check_id in release.blocked_by:
@@ -179,7 +187,7 @@ def release_gate(release_file: Path, run_file: Path) -> tuple[bool, list[str]]:
         interval = f" interval {fmt(c.interval)}" if c.interval else ""
         lines.append(f"{check_id}: {c.status} ({c.statistic} {fmt(c.value)}{interval}, threshold {c.threshold}; "
                      f"{c.detail})")
-    return release.decision == "approved", lines
+    return release, lines
 
 
 # ---------------------------------------------------------------- consent withdrawal

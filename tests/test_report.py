@@ -40,7 +40,7 @@ def checks_of(statuses: dict[str, str]) -> list[Check]:
 def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
     checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "consent.documented.x": "inconclusive"})
     release = decide_release(checks, SETTINGS)
-    assert release.decision == "approved" and release.blocked_by == []
+    assert release.decision == "eligible" and release.blocked_by == []
     assert release.areas["shift"].advisory == "fail" and release.areas["consent"].status == "inconclusive"
     assert [c.blocking for c in release.checks] == [True, False, True] and checks[1].blocking is None
     assert release.policy.block_on["fail"] == ["*"]
@@ -53,9 +53,9 @@ def test_an_inconclusive_check_that_protects_people_blocks_by_default(check_id: 
     release = decide_release(checks_of({"bias.x": "pass", check_id: "inconclusive"}), SETTINGS)
     assert release.decision == "blocked" and release.blocked_by == [check_id]
     drift = decide_release(checks_of({"shift.drift.site_east": "inconclusive"}), SETTINGS)
-    assert drift.decision == "approved", "drift stays advisory"
+    assert drift.decision == "eligible", "drift stays advisory"
     lenient = SETTINGS.model_copy(update={"block_on": BlockOn(inconclusive=[])})
-    assert decide_release(checks_of({check_id: "inconclusive"}), lenient).decision == "approved"
+    assert decide_release(checks_of({check_id: "inconclusive"}), lenient).decision == "eligible"
     blocked = decide_release(checks_of({"bias.x": "fail", "shift.drift.site": "fail"}), SETTINGS)
     assert blocked.decision == "blocked" and blocked.blocked_by == ["bias.x"]
 
@@ -210,7 +210,8 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
         assert f"## {section}" in card
 
 
-def test_an_approving_policy_moves_the_approved_alias_and_the_gate_opens(reported: Workspace, tmp_path: Path):
+def test_without_required_signoff_an_eligible_version_is_approved_and_the_report_says_no_human_signed(
+        reported: Workspace, tmp_path: Path):
     params = yaml.safe_load((reported.root / "params.yaml").read_text())
     params["report"]["advisory"] = ["*"]  # every check reported, none blocking
     lenient = tmp_path / "params.yaml"
@@ -219,10 +220,21 @@ def test_an_approving_policy_moves_the_approved_alias_and_the_gate_opens(reporte
     try:
         assert reported.run("report", "--params", str(lenient)).returncode == 0
         release = json.loads((governance(reported) / "release.json").read_text())
-        assert release["decision"] == "approved"
+        assert release["decision"] == "eligible" and release["review"]["state"] == "awaiting sign-off"
+        assert "approved" not in client.get_registered_model("mae-encoder").aliases, "the gate alone approves nothing"
+        gate = reported.run("release", "--params", str(lenient))
+        assert gate.returncode == 1 and "sign-off: awaiting sign-off" in gate.stdout, gate.stdout + gate.stderr
+
+        params["report"]["require_signoff"] = False
+        lenient.write_text(yaml.safe_dump(params))
+        assert reported.run("report", "--params", str(lenient)).returncode == 0
+        release = json.loads((governance(reported) / "release.json").read_text())
+        assert release["decision"] == "eligible" and release["review"]["state"] == "not required"
         assert client.get_model_version_by_alias("mae-encoder", "approved").version == release["model"]["version"]
-        gate = reported.run("release")
-        assert gate.returncode == 0 and "release decision: APPROVED" in gate.stdout
+        for name in ("report.md", "model_card.md"):
+            assert "No human signed" in (governance(reported) / name).read_text(), name
+        gate = reported.run("release", "--params", str(lenient))
+        assert gate.returncode == 0 and "release decision: APPROVED" in gate.stdout and "no human signed" in gate.stdout
     finally:
         assert reported.run("report").returncode == 0
     assert "approved" not in client.get_registered_model("mae-encoder").aliases, "a blocked report withdraws it"

@@ -12,7 +12,7 @@ import pytest
 from pipeline.tracking import HTTP_RETRIES, changed_paths_tag, git_state, mlflow_error
 from tests.conftest import Workspace, free_port
 
-TRACKED = ("pretrain", "evaluate", "audit-bias", "audit-shift", "report", "consent-check")
+TRACKED = ("pretrain", "evaluate", "audit-bias", "audit-shift", "report", "consent-check", "verify")
 
 
 def test_every_stage_that_talks_to_mlflow_stops_within_seconds_when_the_server_is_unreachable(workspace: Workspace):

@@ -13,6 +13,7 @@ from pipeline.contracts import (
     ModelFacts,
     PretrainMetrics,
     ReleaseDecision,
+    Review,
     ShiftResult,
     ValidationSummary,
 )
@@ -43,6 +44,7 @@ class Evidence:
     approved: str | None  # the registered version compared against ("version N (run R)"), None when none
     data_hashes: dict[str, str]
     figures: dict[str, list[tuple[str, str]]]  # area -> (file name under figures/, caption)
+    review: Review  # the sign-offs recorded for this version when the report was written
 
     @property
     def trained_card(self) -> DataCard:

@@ -19,11 +19,21 @@ def report_html(markdown: str, folder: Path, title: str, figure_width: int, figu
     no remote resource: one file that opens offline. Only the stage's own figures are embedded, as data URIs: an
     image whose source is `figures/<name>` for one of `figures` (the names in folder/figures). Any other image,
     a path or a URL, is shown as inert text, never read or fetched."""
+    embedded = {f"figures/{name}": base64.b64encode((folder / "figures" / name).read_bytes()).decode("ascii")
+                for name in figures}
+    body = render_body(markdown, embedded, figure_width)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+            f'style-src \'unsafe-inline\'">\n<style>{STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n')
+
+
+def render_body(markdown: str, embedded: dict[str, str] | None = None, figure_width: int = 720) -> str:
+    """The HTML of Markdown as report.html renders it (also a part of it: the sign-off block, rewritten in place
+    by each sign-off). `embedded`: figure source -> base64 PNG."""
     from markdown_it import MarkdownIt
 
     parser = MarkdownIt("commonmark", {"html": False}).enable("table")
-    embedded = {f"figures/{name}": base64.b64encode((folder / "figures" / name).read_bytes()).decode("ascii")
-                for name in figures}
+    embedded = embedded or {}
 
     def image(renderer, tokens, idx, options, env):
         token = tokens[idx]
@@ -35,9 +45,6 @@ def report_html(markdown: str, folder: Path, title: str, figure_width: int, figu
                 f'style="max-width:{figure_width}px">')
 
     parser.add_render_rule("image", image)
-    # the two anchors are the only raw HTML the report writes itself; everything else is escaped
+    # the anchors are the only raw HTML the report writes itself; everything else is escaped
     body = parser.render(re.sub(r'^<a id="([a-z]+)"></a>$', r"{{anchor:\1}}", markdown, flags=re.M))
-    body = re.sub(r"<p>\{\{anchor:([a-z]+)\}\}</p>", r'<a id="\1"></a>', body)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-            f'style-src \'unsafe-inline\'">\n<style>{STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n')
+    return re.sub(r"<p>\{\{anchor:([a-z]+)\}\}</p>", r'<a id="\1"></a>', body)

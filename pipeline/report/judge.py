@@ -96,10 +96,11 @@ def _matches(check_id: str, patterns: list[str]) -> bool:
 
 
 def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDecision:
-    """Approved only when no blocking check has a status that blocks it (report.block_on: per status, the check ids
-    it blocks; by default any fail, and an inconclusive of a check that protects people or of the model's quality:
-    absence of evidence does not approve); advisory checks are shown, not counted, and so are not_applicable ones
-    (an area with nothing else is not_applicable)."""
+    """Eligible (for a person's sign-off) only when no blocking check has a status that blocks it (report.block_on:
+    per status, the check ids it blocks; by default any fail, and an inconclusive of a check that protects people
+    or of the model's quality: absence of evidence does not approve); advisory checks are shown, not counted, and
+    so are not_applicable ones (an area with nothing else is not_applicable). The gate proposes; only a sign-off
+    (pipeline.review) approves."""
     decided = [c.model_copy(update={"blocking": not _matches(c.id, settings.advisory)}) for c in checks]
     block_on = settings.block_on.model_dump()
     blockers = [c.id for c in decided if c.blocking and _matches(c.id, block_on.get(c.status, []))]
@@ -108,6 +109,6 @@ def decide_release(checks: list[Check], settings: ReportSettings) -> ReleaseDeci
         blocking = [c.status for c in decided if c.area == area and c.blocking]
         advisory = [c.status for c in decided if c.area == area and not c.blocking]
         areas[area] = AreaStatus(status=_worst(blocking), advisory=_worst(advisory) if advisory else None)
-    return ReleaseDecision(decision="blocked" if blockers else "approved", blocked_by=blockers, areas=areas,
+    return ReleaseDecision(decision="blocked" if blockers else "eligible", blocked_by=blockers, areas=areas,
                     policy=ReleasePolicy(block_on=block_on, advisory=list(settings.advisory)),
                     checks=decided)

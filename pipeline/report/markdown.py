@@ -19,8 +19,10 @@ from pipeline.render import (
     table,
     text,
 )
+from pipeline.contracts import Review
 from pipeline.report.evidence import Evidence
 from pipeline.report.regression import NOT_APPLICABLE
+from pipeline.review.signoff import BLOCK_END, BLOCK_START
 
 
 NOT_STATED = "not stated (a card of schema_version 1)"
@@ -69,7 +71,9 @@ def report_markdown(evidence: Evidence) -> str:
               "resampling noise. Each decided check states what its decision catches at its sizes: the "
               "probability that it passes and that it fails if the true value were no gap, the tolerance, or "
               "twice the tolerance, and the images that would give an 80% pass at no gap and an 80% fail at "
-              "twice the tolerance.", "", "## Release checks", ""]
+              "twice the tolerance.", ""]
+    lines += signoff_section(evidence.review)
+    lines += ["## Release checks", ""]
     lines += checks_table(checks) + evidence_table(checks)
     for section in (quality_section, provenance_section, consent_section, validation_section, training_section,
                     evaluation_section, bias_section, shift_section, memorization_section, regression_section,
@@ -90,6 +94,34 @@ def quality_statement(checks: list[Check]) -> list[str]:
     return [f"**The model does not beat trivial baselines on images it never saw**: {'; '.join(found)}. A model that "
             "does not beat predicting each patch's mean, an untrained encoder or raw pixels has learnt nothing worth "
             "releasing, whatever the other checks say (see Model quality).", ""]
+
+
+def signoff_section(review: Review) -> list[str]:
+    """The sign-off block: who signed, when, what they said and waived, or that nobody has (or need). It lies
+    between two anchors, is rewritten in place by each sign-off and is left out of the digest a sign-off takes;
+    every reviewer's word passes through `text()`, a comment being as hostile as a card."""
+    lines = [BLOCK_START, "", "## Sign-off", ""]
+    if not review.required:
+        lines += ["**No human signed.** `report.require_signoff` is false: the alias `approved` follows the "
+                  "automatic outcome alone (an eligible version is approved, a blocked one is not).", ""]
+    else:
+        lines += [f"**{review.state.upper()}**: {sum(v.decision == 'approve' and not v.problems for v in review.signoffs)}"
+                  f" of {review.required_signoffs} required approvals. The gate proposes; only a signed sign-off "
+                  "(`python -m pipeline review`) moves the alias `approved`.", ""]
+    if review.signoffs:
+        lines += table(["reviewer", "time (UTC)", "decision", "comment", "waivers", "holds"],
+                       [[text(v.reviewer), text(v.time), v.decision, text(v.comment),
+                         ", ".join(code(w.check) for w in v.waivers) or "—",
+                         "yes" if not v.problems else "no: " + text("; ".join(v.problems))] for v in review.signoffs])
+    waivers = [(v, w) for v in review.signoffs for w in v.waivers]
+    if waivers:
+        lines += ["Waivers (each bound to the check's evidence when granted; worse evidence or expiry voids it):", ""]
+        lines += table(["check", "justification", "expires", "evidence when waived", "by"],
+                       [[code(w.check), text(w.reason), w.expires, f"{w.status} {fmt(w.value)} {fmt(w.interval)}",
+                         text(v.reviewer)] for v, w in waivers])
+    if review.required and review.state != "approved" and review.problems:
+        lines += ["Not approved because:", ""] + [f"- {text(p)}" for p in review.problems] + [""]
+    return lines + [BLOCK_END, ""]
 
 
 def audited_sentence(evidence: Evidence) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pipeline.presets import POOL_NAMES
 from pipeline.render import checks_table, code, evidence_table, text
 from pipeline.report.evidence import Evidence
-from pipeline.report.markdown import quality_statement
+from pipeline.report.markdown import quality_statement, signoff_section
 
 
 def model_card(evidence: Evidence) -> str:
@@ -22,8 +22,9 @@ def model_card(evidence: Evidence) -> str:
                          tags=["masked-autoencoder", "vit", "governance-audited", f"release-{release.decision}"],
                          model_name=model.registered_model)
     lines = [f"# {model.registered_model} (version {model.version})", ""] + quality_statement(release.checks) + [
-             f"**Release decision: {release.decision.upper()}.** The governance report "
+             f"**Automated outcome: {release.decision.upper()}.** The governance report "
              "(`report.html`, `report.md`) and `release.json` are logged beside this model.", "",
+             *signoff_section(evidence.review),
              "## Model details", "",
              f"A Masked Autoencoder (He et al., 2021) ViT encoder, preset `{model.preset}`, pretrained on "
              f"{names} by hiding {model.mask_ratio:.0%} of each image's patches and reconstructing "

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,7 @@ from pipeline.contracts import (
     Provenance,
     Release,
     ReportPaths,
+    Review,
     RunRecord,
     ShiftResult,
     ValidationSummary,
@@ -40,6 +42,7 @@ from pipeline.report.html import report_html
 from pipeline.report.judge import decide_release, judge
 from pipeline.report.markdown import report_markdown
 from pipeline.report.model_card import model_card
+from pipeline.review.store import context, review_of, rewrite_report
 from pipeline.validate import failure_lines
 
 log = logging.getLogger(__name__)
@@ -164,7 +167,10 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         pretrain=gathered.pretrain, evaluation=gathered.evaluation, bias=gathered.bias, shift=gathered.shift,
         memorization=memorization, approved=None if approved is None else
         f"version {approved.version} (run {approved.run_id})", data_hashes=lineage["hashes"],
-        figures=collect_figures(layout, out))
+        figures=collect_figures(layout, out),
+        review=Review(required=settings.require_signoff, required_signoffs=settings.required_signoffs,
+                      state="awaiting sign-off" if settings.require_signoff else "not required", signoffs=[],
+                      problems=[]))
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
     figures = [name for found in evidence.figures.values() for name, _ in found]
@@ -180,7 +186,19 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
                       policy=decision.policy, model=model, data_hashes=lineage["hashes"],
                       report=ReportPaths(html=str(final / "report.html"), markdown=str(final / "report.md"),
                                          model_card=str(final / "model_card.md")),
-                      checks=decision.checks)
+                      checks=decision.checks, review=evidence.review)
     write_json(out / "release.json", release)
+    if settings.require_signoff:
+        release = signed_off(release, out, params, params_path, cards_dir, layout)
     log_report(settings.registered_model, version, run, out, release)
     return release
+
+
+def signed_off(release: Release, out: Path, params: Params, params_path: Path, cards_dir: Path,
+               layout: Layout) -> Release:
+    """The report with the sign-offs already recorded for its version (a report re-run): each still holds only
+    if what it signed is unchanged, which their digests, blind to the sign-off block, tell."""
+    ctx = context(release, out, params, params_path, cards_dir, layout, reviewers_missing_ok=True)
+    review = review_of(ctx, params, datetime.now(timezone.utc).date())
+    rewrite_report(out, review)
+    return release.model_copy(update={"review": review})
