@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import PipelineError
 from pipeline.artifacts import Layout
-from pipeline.contracts import EvalMetrics, PretrainMetrics, Release
+from pipeline.contracts import Check, EvalMetrics, PretrainMetrics, Release
 from pipeline.render import code, fmt, table
 
 
@@ -52,10 +52,20 @@ def results_markdown(run: Run, command: str) -> str:
                     f"kNN top-1, k = {fmt(evaluation.knn.k)} (MAE / random init / raw pixels)"], rows)
     lines += [f"Release decision: **{release.decision}**"
               + (f", blocked by {', '.join(code(c) for c in release.blocked_by)}." if release.blocked_by else "."), ""]
-    lines += table(["check", "status", "blocking", "value", "interval", "threshold"],
+    lines += table(["check", "status", "blocking", "value", "interval", "threshold", "P(pass), no gap",
+                    "P(fail), 2x tolerance"],
                    [[code(c.id), c.status, "advisory" if c.blocking is False else "yes", fmt(c.value),
-                     fmt(c.interval), fmt(c.threshold)] for c in release.checks])
+                     fmt(c.interval), fmt(c.threshold), *_operating(c)] for c in release.checks])
+    lines += ["P(pass), no gap and P(fail), 2x tolerance: what each check's decision does at this run's sizes if the "
+              "true gap were none, or twice the tolerance in the harmful direction (the report gives the method, "
+              "the probabilities at the tolerance, and the sizes an 80% pass or fail would need).", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _operating(check: Check) -> list[str]:
+    points = {p.label: p for p in check.operating.points} if check.operating else {}
+    return [fmt(points["no gap"].p_pass, 3) if "no gap" in points else "—",
+            fmt(points["twice the tolerance"].p_fail, 3) if "twice the tolerance" in points else "—"]
 
 
 def replace_block(document: str, block: str, content: str, path: Path) -> str:
