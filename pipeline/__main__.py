@@ -130,12 +130,17 @@ def _release(args: argparse.Namespace) -> int:
         from pipeline.review.actions import verify
         from pipeline.tracking import reachable
 
-        with reachable():
-            _, review = verify(release.model.version, args.params, args.cards, layout)
-        for line in review.problems:
-            print(line)
-        approved = review.state == "approved"
-        print(f"sign-off: {review.state}")
+        try:
+            with reachable():
+                _, review = verify(release.model.version, args.params, args.cards, layout)
+        except PipelineError as exc:  # fail closed: a sign-off nobody can verify approves nothing
+            print(f"sign-off: cannot be verified here: {exc}")
+            approved = False
+        else:
+            for line in review.problems:
+                print(line)
+            approved = review.state == "approved"
+            print(f"sign-off: {review.state}")
     print(f"release decision: {'APPROVED' if approved else 'BLOCKED'}; report: {layout.governance / 'report.html'}")
     return 0 if approved else 1
 

@@ -29,6 +29,8 @@ def small_params(num_images: int = 300) -> dict:
     """The shipped params with a smaller synthetic dataset, so tests run in seconds."""
     params = copy.deepcopy(default_params())
     params["datasets"]["synthetic"]["num_images"] = num_images
+    # the splits the tests' sizes were chosen for, whatever the shipped default gives the audits
+    params["prepare"].update(val_fraction=0.15, test_fraction=0.15)
     params["pretrain"].update(epochs=2, batch_size=32, warmup_epochs=1, figure_images=4, threads=1)
     params["evaluate"].update(figure_images=4, threads=1)
     params["audit_bias"].update(n_boot=200)

@@ -32,7 +32,7 @@ def ran(result: subprocess.CompletedProcess) -> set[str]:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    for name in ("pipeline", "data_cards"):
+    for name in ("pipeline", "data_cards", "governance"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
     shutil.copy(ROOT / ".gitignore", tmp_path)

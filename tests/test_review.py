@@ -64,6 +64,18 @@ def test_a_waiver_is_void_once_expired_or_when_the_evidence_is_worse():
         waiver("bias.gap", "x", "2026-12-03", release_of("fail", (0.2, 0.3)).checks, today)
 
 
+def test_a_waiver_names_a_check_whose_id_holds_an_equals_sign():
+    from pipeline.contracts import Check
+    from pipeline.review.signoff import parse_waiver
+
+    checks = [Check(id=f"bias.gap.group={g}", area="bias", status="fail", statistic="gap", value=0.2,
+                    interval=(0.15, 0.25), threshold=0.1, detail="x", harmful="higher") for g in ("a", "a_b")]
+    named = parse_waiver("bias.gap.group=a_b=pilot, a=b too,2026-12-31", checks, date(2026, 12, 4))
+    assert (named.check, named.reason, named.expires) == ("bias.gap.group=a_b", "pilot, a=b too", "2026-12-31")
+    with pytest.raises(Exception, match="no such check"):
+        parse_waiver("bias.gap.group=c=pilot,2026-12-31", checks, date(2026, 12, 4))
+
+
 # ---------------------------------------------------------------- against a real MLflow server
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def test_without_labels_the_corruption_check_is_a_paired_bootstrap_of_the_report
     assert check.statistic.endswith("(reconstruction)")
     assert check.value == pytest.approx(corrupted.mean() / clean.mean()) and check.threshold == 3.0
     assert check.interval[0] < check.value < check.interval[1] < 3.0 and check.status == "pass"
-    assert check.n_boot >= SETTINGS.n_boot and check.min_detectable is not None
+    assert check.n_boot >= SETTINGS.n_boot and check.operating is not None
     assert corruption_check(CorruptionPairs(clean, clean * 3.6), SETTINGS).status == "fail"
 
 
@@ -330,7 +330,7 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     assert control.min_detectable.value == control.power.detectable_share
     assert checks["shift.drift.site_east"].p_value is not None and checks["shift.drift.site_east"].power is None
     for name in ("shift.error.site_east", "shift.accuracy.site_east", "shift.corruptions"):
-        for field in ("reference", "confidence", "adjustment", "mc_error", "n_boot", "min_detectable", "interval"):
+        for field in ("reference", "confidence", "adjustment", "mc_error", "n_boot", "operating", "interval"):
             assert getattr(checks[name], field) is not None, (name, field)
     assert control.reference == "val images" and checks["shift.drift.site_east"].reference == IN_DISTRIBUTION
     fit = checks["shift.drift.fit_to_training"]

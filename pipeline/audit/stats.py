@@ -194,10 +194,13 @@ def outcome_probabilities(value: float, error: float, criterion: Criterion, z: f
     """(P(pass), P(fail)) of `decide` on the interval estimate ± z x error, the estimate normal around `value`."""
     from scipy.special import ndtr  # the normal CDF, without scipy.stats' per-call overhead
 
-    if not error > 0:
-        return math.nan, math.nan
     harm = value if criterion.harmful == "higher" else -value
     t = criterion.threshold
+    if error == 0:  # every record alike: the estimate is the true value
+        inside = harm < t and (not criterion.equivalence or harm > -t)
+        return float(inside), float(harm > t)
+    if not error > 0:
+        return math.nan, math.nan
     p_fail = float(ndtr((harm - t) / error - z))
     p_pass = float(ndtr((t - harm) / error - z))
     if criterion.equivalence:
@@ -312,6 +315,8 @@ def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion
                                bootstrap_result=result, rng=rng)
             distribution = result.bootstrap_distribution
             low, high = (float(v) for v in (result.confidence_interval.low, result.confidence_interval.high))
+            if np.isfinite(distribution).all() and np.ptp(distribution) == 0:  # no spread: BCa's NaN means exact
+                low = high = float(distribution[0])
             n_boot = len(distribution)
             finite = bool(np.isfinite(distribution).all()) and not math.isnan(low) and not math.isnan(high)
             # a bound is the order statistic at its (for BCa: adjusted) level of the bootstrap distribution

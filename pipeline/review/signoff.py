@@ -154,8 +154,10 @@ def open_envelope(data: bytes, reviewers: Reviewers, where: str) -> Opened:
 
 def parse_waiver(text: str, checks: list[Check], today: date) -> Waiver:
     """`CHECK_ID=reason,YYYY-MM-DD` bound to the check's evidence now; refused for a check that does not exist, that
-    is neither fail nor inconclusive, or an expiry already past."""
-    check_id, sep, rest = text.partition("=")
+    is neither fail nor inconclusive, or an expiry already past. A check id may itself hold "=" (`group=group_b`):
+    the longest id of the release that the text starts with, then "=", is the one named."""
+    known = sorted((c.id for c in checks if text.startswith(c.id + "=")), key=len, reverse=True)
+    check_id, sep, rest = (known[0], "=", text[len(known[0]) + 1:]) if known else text.partition("=")
     reason, comma, expires = rest.rpartition(",")
     if not (sep and comma and reason.strip()):
         raise PipelineError(f"--waive {text!r}: expected CHECK_ID=reason,YYYY-MM-DD")
