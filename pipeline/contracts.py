@@ -549,6 +549,7 @@ class Release(Contract):
     report: ReportPaths
     checks: list[Check]
     review: Review | None = None  # None: written before sign-off existed
+    changes: Changes | None = None  # since the approved version; None: none was approved
 
 
 class MemorizationRow(Contract):
@@ -617,4 +618,46 @@ class Review(Contract):
     state: ReviewState
     signoffs: list[SignoffView]
     problems: list[str]  # why the state is not approved: one line each, naming the file or check
+
+
+# ---------------------------------------------------------------- what changed since the approved version
+
+class RecordChange(Contract):
+    """One dataset's training records in the candidate against the approved version (by record id)."""
+
+    dataset: str
+    approved: int
+    candidate: int
+    added: int
+    removed: int
+    removed_withdrawn: int  # of the removed, those the withdrawals file lists (any of the three ids)
+
+
+class ParamChange(Contract):
+    key: str  # dotted path in params.yaml
+    approved: str | None  # JSON of the value; None: the key is not there
+    candidate: str | None
+
+
+class StatusChange(Contract):
+    check: str
+    approved: str | None  # None: the check did not exist
+    candidate: str | None
+
+
+class Changes(Contract):
+    """What a reviewer reads first: the candidate against the version under alias `approved`. A list is None
+    where the approved version did not record what it needs, and `missing` says what."""
+
+    approved_version: str
+    approved_run_id: str
+    records: list[RecordChange] | None
+    params: list[ParamChange] | None
+    commits: list[str] | None  # "<short hash> <subject>", oldest first
+    commits_between: tuple[str, str]  # (approved commit, candidate commit)
+    statuses: list[StatusChange]
+    regression: dict[str, int]  # regression checks per status
+    missing: list[str]
+
+
 Release.model_rebuild()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from pipeline import PipelineError
 from pipeline.artifacts import read_json
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 RECORDS_ARTIFACT = "governance/training_records.csv"
 SAMPLES_ARTIFACT = "eval/samples.parquet"  # logged by evaluate to the model's run
 RELEASE_ARTIFACT = "governance/release.json"  # logged by log_report
+PARAMS_ARTIFACT = "governance/params.yaml"  # the params file the report was written with
 ID_COLUMNS = ("record_id", "sha256", "source_sha256")
 
 
@@ -82,6 +84,7 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
     """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases.
     `release` is what the report wrote to release.json. With report.require_signoff, only sign-offs that still
     hold against this report keep (or put) the alias `approved` on the version (pipeline.review)."""
+    from pipeline.report.changes import summary as changes_summary
     from pipeline.review.store import set_review_tags
 
     from mlflow.exceptions import MlflowException
@@ -105,8 +108,9 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
         review = release.review
+        delta = "" if release.changes is None else f" {changes_summary(release.changes)}"
         client.update_model_version(name, version, description=f"Automated outcome {release.decision}: "
-                                    f"{len(release.blocked_by)} blocking checks; sign-off: {review.state}. "
+                                    f"{len(release.blocked_by)} blocking checks; sign-off: {review.state}.{delta} "
                                     f"Governance report: run {run.run_id}, artifacts governance/report.html")
         client.set_registered_model_alias(name, "candidate", version)
         if not review.required:  # the automatic path: no human signs, the gate's outcome moves the alias
@@ -133,13 +137,33 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 @dataclass(frozen=True)
 class Approved:
     """The version a candidate is compared with, and what its run recorded: the per-sample table of its
-    evaluation and its release (the audits' checks); None where the run lacks one, with `missing` saying why."""
+    evaluation, its release (the audits' checks), its training records and the params that produced it; None where
+    the run lacks one, with `missing` saying why."""
 
     version: str
     run_id: str
     samples: pd.DataFrame | None
     release: Release | None
     missing: list[str]
+    records: pd.DataFrame | None = None
+    params: dict | None = None
+
+    def lacks(self, artifact: str) -> str:
+        """Why `artifact` is missing from the approved run, as `missing` recorded it."""
+        return "; ".join(m for m in self.missing if m.startswith(artifact)) or artifact
+
+
+def _read_artifact(artifact: str, path: Path):
+    if artifact == SAMPLES_ARTIFACT:
+        return pd.read_parquet(path)
+    if artifact == RECORDS_ARTIFACT:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if artifact == PARAMS_ARTIFACT:
+        found = yaml.safe_load(path.read_text())
+        if not isinstance(found, dict):
+            raise ValueError(f"{artifact} is not a mapping")
+        return found
+    return Release.model_validate_json(path.read_text())
 
 
 def approved_version(name: str) -> Approved | None:
@@ -156,19 +180,19 @@ def approved_version(name: str) -> Approved | None:
             raise mlflow_error(f"cannot read alias approved of {name}", exc) from None
         return None
     found, missing = {}, []
-    for artifact in (SAMPLES_ARTIFACT, RELEASE_ARTIFACT):
+    for artifact in (SAMPLES_ARTIFACT, RELEASE_ARTIFACT, RECORDS_ARTIFACT, PARAMS_ARTIFACT):
         try:
             with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
                 path = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=artifact,
                                                                 dst_path=tmp))
-                found[artifact] = (pd.read_parquet(path) if artifact == SAMPLES_ARTIFACT
-                                   else Release.model_validate_json(path.read_text()))
-        except (MlflowException, OSError, ValueError) as exc:
+                found[artifact] = _read_artifact(artifact, path)
+        except (MlflowException, OSError, ValueError, yaml.YAMLError) as exc:
             if lost_connection(exc):
                 raise mlflow_error(f"cannot download {artifact} of {name} version {version.version}", exc) from None
             missing.append(f"{artifact} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     return Approved(version=str(version.version), run_id=version.run_id, samples=found.get(SAMPLES_ARTIFACT),
-                    release=found.get(RELEASE_ARTIFACT), missing=missing)
+                    release=found.get(RELEASE_ARTIFACT), missing=missing, records=found.get(RECORDS_ARTIFACT),
+                    params=found.get(PARAMS_ARTIFACT))
 
 
 # ---------------------------------------------------------------- release gate

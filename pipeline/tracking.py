@@ -176,16 +176,25 @@ def changed_paths_tag(paths: list[str]) -> str:
     return ", ".join(shown) + (f" (+{rest} more)" if rest else "")
 
 
+def git(*args: str) -> str | None:
+    """git's output in the working directory's repository; None when there is none or git refuses."""
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def commits_between(older: str, newer: str) -> list[str] | None:
+    """`<short hash> <subject>` of each commit after `older` up to `newer`, oldest first; None when either commit
+    is unknown to this repository (a shallow clone, another repository, "unknown")."""
+    found = git("log", "--reverse", "--format=%h %s", f"{older}..{newer}", "--")
+    return None if found is None else found.splitlines()
+
+
 def git_state() -> dict[str, str]:
     """The commit, and whether the working tree differs from it, naming the paths that do. Ignored files (DVC
     outputs among them) and DVC's own bookkeeping do not count, so a pristine checkout that ran the pipeline
     stays clean; untracked files that are not ignored do, since a new module changes what trains."""
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "-z", "--no-renames", "--", *BOOKKEEPING)
     if status is None:

@@ -337,6 +337,59 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
     assert space.run("consent-check").returncode == 0
 
 
+def test_the_report_leads_with_what_changed_since_the_approved_version(reported: Workspace, tmp_path: Path,
+                                                                      monkeypatch):
+    """An approved version of another registered model, with the artifacts a report logs: its training records
+    (two of the candidate's missing, one the candidate lacks), its params (one value apart) and its release (one
+    status apart). The candidate's report and its version's description name exactly that delta."""
+    uri = reported.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    params = yaml.safe_load((reported.root / "params.yaml").read_text())
+    params["report"]["registered_model"] = "mae-delta"
+    candidate_params = reported.root / "delta.yaml"
+    candidate_params.write_text(yaml.safe_dump(params, sort_keys=False))
+    approved_dir = tmp_path / "governance"
+    approved_dir.mkdir()
+    records = pd.read_csv(governance(reported) / "training_records.csv", dtype=str)
+    ghost = pd.DataFrame([{"record_id": "synthetic-ghost", "sha256": "0" * 64, "source_sha256": "1" * 64,
+                           "dataset": "synthetic"}])
+    pd.concat([records.iloc[2:], ghost]).to_csv(approved_dir / "training_records.csv", index=False)
+    params["audit_bias"]["n_boot"] = 999
+    (approved_dir / "params.yaml").write_text(yaml.safe_dump(params))
+    release = json.loads((governance(reported) / "release.json").read_text())
+    moved = next(c for c in release["checks"] if c["status"] == "fail" and c["area"] != "regression")
+    moved["status"] = "pass"
+    (approved_dir / "release.json").write_text(json.dumps(release))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=release["model"]["experiment_id"]) as run:
+        mlflow.log_artifacts(str(approved_dir), "governance")
+    client.create_registered_model("mae-delta")
+    client.create_model_version("mae-delta", source=f"runs:/{run.info.run_id}/governance", run_id=run.info.run_id)
+    client.set_registered_model_alias("mae-delta", "approved", "1")
+    try:
+        result = reported.run("report", "--params", str(candidate_params))
+        assert result.returncode == 0, result.stderr
+        delta = Release.model_validate_json((governance(reported) / "release.json").read_text()).changes
+        assert (delta.approved_version, delta.approved_run_id) == ("1", run.info.run_id)
+        (synthetic,) = delta.records
+        assert (synthetic.added, synthetic.removed, synthetic.removed_withdrawn) == (2, 1, 0)
+        assert [(p.key, p.approved, p.candidate) for p in delta.params] == [("audit_bias.n_boot", "999", "200")]
+        assert [(c.check, c.approved, c.candidate) for c in delta.statuses] == [(moved["id"], "pass", "fail")]
+        assert sum(delta.regression.values()) == sum(c.area == "regression" for c in
+                                                     Release.model_validate_json(
+                                                         (governance(reported) / "release.json").read_text()).checks)
+        page = (governance(reported) / "report.md").read_text()
+        assert page.index("## Changes since the approved version") < page.index("## Release checks")
+        assert "`audit_bias.n_boot`" in page and moved["id"] in page
+        (version,) = [v for v in client.search_model_versions("name='mae-delta'") if v.version != "1"]
+        assert "Since approved version 1: 2 training records added, 1 removed (0 withdrawn); 1 params changed" \
+            in version.description
+    finally:
+        client.delete_registered_model("mae-delta")
+        assert reported.run("report").returncode == 0  # the shared workspace's report as the other tests read it
+
+
 def test_report_release_and_consent_check_give_one_line_errors_on_a_bare_folder(workspace: Workspace):
     for command, needle in (("report", "models/mae/config.json: not found"),
                             ("release", "reports/governance/release.json: not found")):

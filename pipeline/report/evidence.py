@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pipeline.cards import DataCard
 from pipeline.contracts import (
     BiasResult,
+    Changes,
     Counts,
     EvalMetrics,
     MemorizationRow,
@@ -45,6 +46,7 @@ class Evidence:
     data_hashes: dict[str, str]
     figures: dict[str, list[tuple[str, str]]]  # area -> (file name under figures/, caption)
     review: Review  # the sign-offs recorded for this version when the report was written
+    changes: Changes | None = None  # since the approved version; None when none is approved
 
     @property
     def trained_card(self) -> DataCard:

@@ -73,6 +73,7 @@ def report_markdown(evidence: Evidence) -> str:
               "twice the tolerance, and the images that would give an 80% pass at no gap and an 80% fail at "
               "twice the tolerance.", ""]
     lines += signoff_section(evidence.review)
+    lines += changes_section(evidence)
     lines += ["## Release checks", ""]
     lines += checks_table(checks) + evidence_table(checks)
     for section in (quality_section, provenance_section, consent_section, validation_section, training_section,
@@ -122,6 +123,44 @@ def signoff_section(review: Review) -> list[str]:
     if review.required and review.state != "approved" and review.problems:
         lines += ["Not approved because:", ""] + [f"- {text(p)}" for p in review.problems] + [""]
     return lines + [BLOCK_END, ""]
+
+
+def changes_section(evidence: Evidence) -> list[str]:
+    """The delta against the approved version, read before the checks: records, params, commits, statuses."""
+    delta = evidence.changes
+    lines = ['<a id="changes"></a>', "", "## Changes since the approved version", ""]
+    if delta is None:
+        return lines + ["No other version is under alias `approved`: there is nothing to compare with, and every "
+                        "check below is read on its own.", ""]
+    lines += [f"Against version {text(delta.approved_version)} (run `{text(delta.approved_run_id)}`), the version "
+              "under alias `approved`. The regression checks (Compared with the approved model, below) decide "
+              f"whether the candidate is worse: {', '.join(f'{n} {s}' for s, n in delta.regression.items()) or 'none'}"
+              " ([details](#regression)).", ""]
+    if delta.records is not None:
+        lines += ["Training records, by record id (withdrawn: the removed records the withdrawals file lists):", ""]
+        lines += table(["dataset", "approved", "candidate", "added", "removed", "of which withdrawn"],
+                       [[text(r.dataset), r.approved, r.candidate, r.added, r.removed, r.removed_withdrawn]
+                        for r in delta.records])
+    if delta.params is not None:
+        lines += ([f"Params changed ({len(delta.params)}):", ""]
+                  + table(["key", "approved", "candidate"],
+                          [[code(p.key), code(p.approved or "absent"), code(p.candidate or "absent")]
+                           for p in delta.params]) if delta.params else ["Params: unchanged.", ""])
+    if delta.commits is not None:
+        older, newer = (c[:12] for c in delta.commits_between)
+        lines += ([f"Commits from `{older}` to `{newer}` ({len(delta.commits)}):", ""]
+                  + [f"- {text(c)}" for c in delta.commits] + [""] if delta.commits else
+                  [f"Code: the same commit (`{newer}`).", ""])
+    if delta.statuses:
+        lines += [f"Checks whose status changed ({len(delta.statuses)}):", ""]
+        lines += table(["check", "approved", "candidate"],
+                       [[code(c.check), c.approved or "absent", c.candidate or "absent"] for c in delta.statuses])
+    else:
+        lines += ["No check changed status.", ""]
+    if delta.missing:
+        lines += ["Not compared, because the approved version did not record it: "
+                  + "; ".join(text(m) for m in delta.missing) + ".", ""]
+    return lines
 
 
 def audited_sentence(evidence: Evidence) -> str:

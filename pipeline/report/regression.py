@@ -24,7 +24,7 @@ from pipeline.artifacts import GOVERNANCE, UNSEEN
 from pipeline.audit.stats import Criterion, compare, decide
 from pipeline.contracts import Check, Interval
 from pipeline.params import ReportSettings
-from pipeline.registry import Approved
+from pipeline.registry import RELEASE_ARTIFACT, SAMPLES_ARTIFACT, Approved
 
 DETAIL = f"{GOVERNANCE}/report.md#regression"
 SAMPLE_METRICS = {  # metric -> (column, statistic, harmful, what the statistic is)
@@ -46,18 +46,17 @@ def regression_checks(samples: pd.DataFrame, checks: list[Check], attributes: li
         return [Check(id=NOT_APPLICABLE, area="regression", status="not_applicable", statistic="candidate vs approved",
                       detail=DETAIL, reason=reason)]
     against = f"approved version {approved.version} (run {approved.run_id})"
-    missing = "; ".join(approved.missing)
     found: list[Check] = []
     if approved.samples is None:
         found.append(Check(id="regression.samples", area="regression", status="inconclusive",
                            statistic="candidate vs approved", reference=against, detail=DETAIL,
-                           reason=f"the approved run lacks {missing}"))
+                           reason=f"the approved run lacks {approved.lacks(SAMPLES_ARTIFACT)}"))
     else:
         found += sample_checks(samples, approved.samples, attributes, against, settings)
     if approved.release is None:
         found.append(Check(id="regression.audits", area="regression", status="inconclusive",
                            statistic="candidate vs approved", reference=against, detail=DETAIL,
-                           reason=f"the approved run lacks {missing}"))
+                           reason=f"the approved run lacks {approved.lacks(RELEASE_ARTIFACT)}"))
     else:
         found += audited_checks(checks, approved.release.checks, against, settings)
     return found

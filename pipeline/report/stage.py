@@ -1,6 +1,7 @@
 """The report stage: reads what the earlier stages handed over (pipeline.artifacts), judges, decides the release,
 and writes reports/governance/: report.md, report.html (the same Markdown rendered into one file that opens
-offline), model_card.md, release.json, croissant/<dataset>.json, training_records.csv and figures/. Then registers
+offline), model_card.md, release.json, croissant/<dataset>.json, training_records.csv, params.yaml (the file it
+was written with, which the next version's "changes since the approved version" reads) and figures/. Then registers
 the encoder as a version of the MLflow registered model and logs the folder to the model's run. A blocked release
 is a finding: the stage succeeds whatever the decision.
 """
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from pipeline import PipelineError
 from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, write_json
@@ -35,7 +37,8 @@ from pipeline.contracts import (
 )
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
 from pipeline.policy import load_withdrawals
-from pipeline.registry import approved_version, lineage_of_run, log_report, register_version
+from pipeline.registry import PARAMS_ARTIFACT, approved_version, lineage_of_run, log_report, register_version
+from pipeline.report.changes import changes
 from pipeline.report.croissant import croissant
 from pipeline.report.evidence import DatasetEvidence, Evidence
 from pipeline.report.html import report_html
@@ -43,6 +46,7 @@ from pipeline.report.judge import decide_release, judge
 from pipeline.report.markdown import report_markdown
 from pipeline.report.model_card import model_card
 from pipeline.review.store import context, review_of, rewrite_report
+from pipeline.tracking import commits_between
 from pipeline.validate import failure_lines
 
 log = logging.getLogger(__name__)
@@ -150,6 +154,11 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
     lineage = lineage_of_run(run, [layout.split_records(name, "train") for name in gathered.trained], layout.root)
     training = gathered.training[["record_id", "sha256", "source_sha256", "dataset"]]
     training.to_csv(out / "training_records.csv", index=False)
+    shutil.copyfile(params_path, out / Path(PARAMS_ARTIFACT).name)  # what the next version's delta reads
+    delta = None if approved is None or approved.run_id == run.run_id else changes(
+        approved, training, yaml.safe_load(params_path.read_text()) or {}, checks, withdrawn, lineage["git.commit"],
+        commits_between(approved.release.model.git_commit, lineage["git.commit"])
+        if approved.release is not None else None)
     version = register_version(settings.registered_model, run, decision.decision)
     model = ModelFacts(dataset=dataset, trained_on=config.datasets, run_id=run.run_id, experiment_id=run.experiment_id,
                        model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
@@ -170,7 +179,8 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         figures=collect_figures(layout, out),
         review=Review(required=settings.require_signoff, required_signoffs=settings.required_signoffs,
                       state="awaiting sign-off" if settings.require_signoff else "not required", signoffs=[],
-                      problems=[]))
+                      problems=[]),
+        changes=delta)
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
     figures = [name for found in evidence.figures.values() for name, _ in found]
@@ -186,7 +196,7 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
                       policy=decision.policy, model=model, data_hashes=lineage["hashes"],
                       report=ReportPaths(html=str(final / "report.html"), markdown=str(final / "report.md"),
                                          model_card=str(final / "model_card.md")),
-                      checks=decision.checks, review=evidence.review)
+                      checks=decision.checks, review=evidence.review, changes=delta)
     write_json(out / "release.json", release)
     if settings.require_signoff:
         release = signed_off(release, out, params, params_path, cards_dir, layout)
