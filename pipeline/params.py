@@ -229,6 +229,8 @@ class PretrainSettings(_Strict):
     threads: int = Field(default=2, gt=0, description="CPU threads per process, fixed for reproducible sums")
     experiment: str = "mae-pretrain"
     figure_images: int = Field(default=8, ge=1)
+    monitor_images: int | None = Field(default=512, gt=0, description="val images whose masked loss is logged "
+                                       "each epoch (the first of the split; null: all); the final val loss uses all")
 
     @model_validator(mode="before")
     @classmethod

@@ -28,7 +28,8 @@ from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, Params, PretrainSettings, load_params, training_datasets
 from pipeline.policy import card_decision
 from pipeline.reconstruction import masking_noise, reconstruction_figure
-from pipeline.tracking import StepMetrics, connect, lineage_tags, md5, quiet, silenced_stdout, write_run_file
+from pipeline.tracking import (StepMetrics, connect, ended_on_failure, lineage_tags, md5, quiet, silenced_stdout,
+                               write_run_file)
 from pipeline.train import State, fingerprint, init_world, masked_losses, train
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     val_path = layout.split_pixels(evaluated, "val")
     val = SplitPixels(val_path)
     val_batches = loader(val, Batches(len(val), VAL_BATCH), settings.workers, device, settings.prefetch)
+    monitored = min(len(val), settings.monitor_images or len(val))
+    monitor_batches = loader(val, Batches(monitored, VAL_BATCH), settings.workers, device, settings.prefetch)
     records_paths = [layout.split_records(d.name, "train") for d in datasets]
     inputs = [path for pair in zip(train_paths, records_paths) for path in pair] + [val_path]
     run_fingerprint = fingerprint(settings, model_args, ",".join(d.train_md5 for d in datasets), world.size)
@@ -152,17 +155,18 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
         step_log.log(values, step)
 
     def on_epoch(state: State) -> None:
-        val_loss, _ = masked_losses(model, val_batches, normalisation, settings.mask_ratio, settings.seed)
+        val_loss, _ = masked_losses(model, monitor_batches, normalisation, settings.mask_ratio, settings.seed)
         state.history[-1]["val_loss"] = val_loss
         step_log.log({"epoch_train_loss": state.history[-1]["train_loss"], "val_masked_loss": val_loss,
                       "images_per_second": state.history[-1]["images_per_second"]}, state.epoch)
 
-    state = train(model, train_data, normalisation, settings, layout.checkpoint, run_fingerprint, world, on_start,
-                  on_step, on_epoch)
-    if not world.main:
-        return None
-    return _finish(mlflow, step_log, model, model_args, settings, params.evaluate.pool, state, val_batches, val.pixels,
-                   normalisation, layout, datasets)
+    with ended_on_failure(mlflow):
+        state = train(model, train_data, normalisation, settings, layout.checkpoint, run_fingerprint, world,
+                      on_start, on_step, on_epoch)
+        if not world.main:
+            return None
+        return _finish(mlflow, step_log, model, model_args, settings, params.evaluate.pool, state, val_batches,
+                       val.pixels, normalisation, layout, datasets)
 
 
 def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, pool: str, state, val_batches, val_pixels,

@@ -26,6 +26,7 @@ from pipeline import PipelineError
 from pipeline.artifacts import read_json, write_json
 from pipeline.contracts import Provenance, RunRecord
 
+log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5
 # the cheapest read of the tracking store (a 404 when the experiment is gone still proves the store answers)
 STORE_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
@@ -251,6 +252,22 @@ def write_run_file(run, model_uri: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, RunRecord(run_id=run.info.run_id, experiment_id=run.info.experiment_id, model_uri=model_uri,
                                tracking_uri=tracking_uri()))
+
+
+@contextlib.contextmanager
+def ended_on_failure(mlflow):
+    """A run stopped by an error is recorded FAILED (KILLED on Ctrl-C): otherwise MLflow's exit hook closes it
+    FINISHED, and a run that diverged looks like one that trained."""
+    try:
+        yield
+    except BaseException as exc:
+        if mlflow is not None and mlflow.active_run() is not None:
+            try:
+                with silenced_stdout():
+                    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except Exception:  # an unreachable store: the error that stopped the run is the one to show
+                log.debug("could not mark the run as ended", exc_info=True)
+        raise
 
 
 @contextlib.contextmanager

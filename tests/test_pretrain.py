@@ -276,6 +276,9 @@ def test_non_finite_loss_stops_with_the_step(prepared: Path, tmp_path: Path):
     assert result.returncode == 2
     assert "non-finite loss" in result.stderr and "step" in result.stderr
     assert "Traceback" not in result.stderr
+    client = MlflowClient(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("mae-pretrain").experiment_id])
+    assert run.info.status == "FAILED", "a diverged run must not read as one that finished"
 
 
 def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Path, tmp_path: Path, monkeypatch):
