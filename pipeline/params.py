@@ -15,7 +15,9 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused; every number finite (`.inf` would make a tolerance no evidence can fail)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SiteEffects(_Strict):
@@ -380,11 +382,9 @@ class BaselineMargins(_Strict):
     """How far the model must beat each trivial baseline on unseen images, paired on the same images (the model.*
     checks): 0, by any amount its interval shows; above 0, by at least that; below 0, it may trail by that much."""
 
-    reconstruction: float = Field(default=0.0, allow_inf_nan=False, description="1 - model / patch-mean "
-                                                                                "hidden-pixel error")
-    probe: float = Field(default=0.0, allow_inf_nan=False, description="MAE - baseline (random init, raw pixels) "
-                                                                       "probe accuracy")
-    knn: float = Field(default=0.0, allow_inf_nan=False, description="MAE - baseline kNN accuracy")
+    reconstruction: float = Field(default=0.0, description="1 - model / patch-mean hidden-pixel error")
+    probe: float = Field(default=0.0, description="MAE - baseline (random init, raw pixels) probe accuracy")
+    knn: float = Field(default=0.0, description="MAE - baseline kNN accuracy")
 
 
 class ReportSettings(BootstrapSettings):

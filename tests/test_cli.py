@@ -46,6 +46,12 @@ def test_card_check_and_help_do_not_load_torch():
 @pytest.mark.parametrize("section, expected", [
     ({"audit_bais": {}}, "audit_bais: Extra inputs are not permitted"),
     ({"report": {"n_bot": 10}}, "report.n_bot: Extra inputs are not permitted"),
+    # infinity would start a training that cannot converge, or make a tolerance no evidence can fail
+    ({"pretrain": {"base_lr": float("inf")}}, "pretrain.base_lr: Input should be a finite number"),
+    ({"audit_bias": {"max_relative_error_gap": float("inf")}},
+     "audit_bias.max_relative_error_gap: Input should be a finite number"),
+    ({"report": {"max_memorization_gap": float("nan")}},
+     "report.max_memorization_gap: Input should be a finite number"),
 ])
 def test_an_unknown_params_section_or_key_is_one_line(workspace, section, expected):
     import yaml
