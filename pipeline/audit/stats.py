@@ -281,6 +281,25 @@ def settle_sentence(operating: Operating | None) -> str:
     return "; ".join(parts) + f" (now {operating.n_sample} and {operating.n_reference})"
 
 
+def mean_interval(values: np.ndarray, confidence: float, n_boot: int, seed: int | Sequence[int]) -> tuple[float, float]:
+    """A bootstrap interval of one group's mean, by the same method as the comparisons (BCa, or percentile above
+    BCA_MAX_N values): what a group's own value is known to, not a decision."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) < 2 or np.ptp(values) == 0:  # every resample the same: the mean is exact
+        return (float(values.mean()),) * 2 if len(values) else (math.nan, math.nan)
+    method = "BCa" if len(values) <= BCA_MAX_N else "percentile"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = bootstrap((values,), np.mean, n_resamples=n_boot, batch=1000, vectorized=True,
+                           confidence_level=confidence, method=method, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
 def compare(reference: np.ndarray, sample: np.ndarray, statistic: str, criterion: Criterion,
             settings: BootstrapSettings, seed: int | Sequence[int], comparisons: int = 1,
             adjustment: Adjustment = "none", paired: bool = False) -> Comparison:

@@ -42,7 +42,8 @@ def model_card(evidence: Evidence) -> str:
               "accuracy against random-init and raw-pixel features, paired on the same unseen images (the model "
               "checks). Hidden-pixel reconstruction MSE and PSNR against a random-init model and a patch-mean "
               "predictor; linear-probe and kNN top-1 accuracy on frozen features against random-init and raw-pixel "
-              "features; per-group gaps with bootstrap intervals (fairlearn MetricFrame); held-out domain error "
+              "features; per-group values (fairlearn MetricFrame) and gaps with BCa bootstrap intervals; held-out "
+              "domain error "
               "increase, corruption error, MMD drift test; train against unseen error for memorization.", "",
               "## Evaluation data", "",
               f"The val, test and held-out-domain splits of {text(model.dataset)}, never used for training."
