@@ -9,7 +9,9 @@ naming the file and the field.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -75,6 +77,28 @@ def not_found(path: Path) -> PipelineError:
     """The one message for a hand-off that is not there."""
     stage = writer(path)
     return PipelineError(f"{path}: not found; run `dvc repro{f' {stage}' if stage else ''}`")
+
+
+@contextlib.contextmanager
+def swapped_in(final: Path):
+    """A temporary sibling of `final` to write a stage's output into, put in its place whole when the block
+    succeeds and removed when it fails, so `final` is only ever the old output or the new one: a later stage never
+    reads a half-written folder. A kill mid-swap leaves at most a stale `.partial`/`.old` sibling, cleared here next
+    time (and `final` missing, which `dvc repro` restores)."""
+    final = Path(final)
+    partial, old = (final.with_name(f".{final.name}.{suffix}") for suffix in ("partial", "old"))
+    for stale in (partial, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_json(path: Path, model: type[M]) -> M:

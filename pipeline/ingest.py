@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,8 @@ from pipeline import PipelineError
 from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.contracts import Provenance
 from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
-from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, write_json
+from pipeline.artifacts import (MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, swapped_in,
+                                write_json)
 from pipeline.ingest_engines import Engine, engine
 from pipeline.ingest_record import Context, Judged
 from pipeline.policy import REASONS, Decision, load_withdrawals
@@ -193,38 +193,29 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
     salt = os.environ.get(SALT_ENV) or params.ingest.pseudonym_salt
     context = Context(card=card, policy=params.policy, withdrawn=withdrawn, salt=salt)
 
-    out = layout.ingested(dataset)
-    tmp = out.with_name(f".{dataset}.partial")
-    with engine(params.ingest, context, settings.image_size ** 2 * settings.channels) as run:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            counts, planted, source_sha256 = _write(card, settings, params, run, tmp)
-            provenance = Provenance.model_validate({
-                "dataset": dataset,
-                "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
-                "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
-                           "sha256": source_sha256},
-                "policy": params.policy.model_dump(mode="json"),
-                "withdrawals": {"path": params.policy.withdrawals_file, "entries": len(withdrawn)},
-                "code": code_version(),
-                "pixels": {"shape": [settings.image_size, settings.image_size, settings.channels], "dtype": "uint8",
-                           "layout": "pixels/shard-NNNNN.npy, [n, height, width, channels]",
-                           "shard_size": params.ingest.shard_size},
-                "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
-                           "by_reason": dict(sorted(counts.reasons.items()))},
-                "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
-            })
-            if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
-                raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
-            write_json(tmp / PROVENANCE, provenance)
-            if planted:  # what the source planted on purpose, so tests and audits can check it is caught
-                (tmp / PLANTED).write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with engine(params.ingest, context, settings.image_size ** 2 * settings.channels) as run, \
+            swapped_in(layout.ingested(dataset)) as tmp:
+        counts, planted, source_sha256 = _write(card, settings, params, run, tmp)
+        provenance = Provenance.model_validate({
+            "dataset": dataset,
+            "card": {"path": card_file.as_posix(), "sha256": card_digest(card_file), "version": card.version},
+            "source": {"kind": settings.kind, "settings": settings.model_dump(mode="json"),
+                       "sha256": source_sha256},
+            "policy": params.policy.model_dump(mode="json"),
+            "withdrawals": {"path": params.policy.withdrawals_file, "entries": len(withdrawn)},
+            "code": code_version(),
+            "pixels": {"shape": [settings.image_size, settings.image_size, settings.channels], "dtype": "uint8",
+                       "layout": "pixels/shard-NNNNN.npy, [n, height, width, channels]",
+                       "shard_size": params.ingest.shard_size},
+            "counts": {"read": counts.read, "accepted": counts.accepted, "quarantined": counts.quarantined,
+                       "by_reason": dict(sorted(counts.reasons.items()))},
+            "reasons": {code: REASONS[code] for code in sorted(counts.reasons)},
+        })
+        if counts.read != counts.accepted + counts.quarantined:  # an invariant, not a user error
+            raise AssertionError(f"{dataset}: read {counts.read} != accepted + quarantined")
+        write_json(tmp / PROVENANCE, provenance)
+        if planted:  # what the source planted on purpose, so tests and audits can check it is caught
+            (tmp / PLANTED).write_text(json.dumps(planted, indent=2, sort_keys=True) + "\n")
     return counts
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from pipeline import PipelineError
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.near_duplicates import group_keys, near_pairs, shard_reader
 from pipeline.params import DEFAULT_PARAMS, NearDuplicateSettings, PrepareSettings, load_params
-from pipeline.artifacts import SPLITS, Layout, read_table
+from pipeline.artifacts import SPLITS, Layout, read_table, swapped_in
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +177,21 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
         raise PipelineError(f"leakage: {leaked['sha256'].nunique()} images appear in more than one split ({examples})")
     _warn_groups_across_held_out_domains(leaks(combined, GROUP))
 
-    shutil.rmtree(layout.prepared(), ignore_errors=True)
     sizes = {}
-    for name, frame in assigned.items():
-        layout.prepared(name).mkdir(parents=True)
-        settings = params.datasets[name]
-        image_shape = (settings.image_size, settings.image_size, settings.channels)
-        for split in SPLITS:
-            part = frame[frame["split"] == split].sort_values("record_id").reset_index(drop=True)
-            _write_pixels(part, layout.ingested(name), layout.split_pixels(name, split), image_shape)
-            part.assign(split_index=np.arange(len(part), dtype=np.int32)).to_parquet(
-                layout.split_records(name, split), index=False)
-        sizes[name] = split_sizes(frame, cards[name])
-        log.info("%s: %s", name, ", ".join(f"{s} {sizes[name][s]['total']}" for s in SPLITS))
-    (layout.prepared() / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+    with swapped_in(layout.prepared()) as partial:
+        def staged(path: Path) -> Path:
+            return partial / path.relative_to(layout.prepared())
+
+        for name, frame in assigned.items():
+            staged(layout.prepared(name)).mkdir(parents=True)
+            settings = params.datasets[name]
+            image_shape = (settings.image_size, settings.image_size, settings.channels)
+            for split in SPLITS:
+                part = frame[frame["split"] == split].sort_values("record_id").reset_index(drop=True)
+                _write_pixels(part, layout.ingested(name), staged(layout.split_pixels(name, split)), image_shape)
+                part.assign(split_index=np.arange(len(part), dtype=np.int32)).to_parquet(
+                    staged(layout.split_records(name, split)), index=False)
+            sizes[name] = split_sizes(frame, cards[name])
+            log.info("%s: %s", name, ", ".join(f"{s} {sizes[name][s]['total']}" for s in SPLITS))
+        (partial / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     return sizes

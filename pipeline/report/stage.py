@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from pipeline import PipelineError
-from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, write_json
+from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, swapped_in, write_json
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import (
     BiasResult,
@@ -122,17 +122,8 @@ def report(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_card
     """Written in full into a folder beside `out` (reports/governance) and renamed into place only when all of it
     succeeded, the MLflow records included: a failed run leaves the previous report as it was."""
     final = out or layout.governance
-    partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        result = build(params_path, cards_dir, layout, partial, final)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return result
+    with swapped_in(final) as partial:
+        return build(params_path, cards_dir, layout, partial, final)
 
 
 def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: Path) -> Release:
