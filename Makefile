@@ -8,7 +8,7 @@ PYTEST_WORKERS ?= 2
 # Debian packages tests need (chromium, postgresql), installed once, with sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test ui install browser postgres clean balanced readme
+.PHONY: run test check ui install browser postgres clean balanced readme
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ balanced: $(STAMP)
 readme: $(STAMP)
 	$(BIN)/python -m pipeline results --command "make run" --readme README.md --block default
 	$(BIN)/python -m pipeline results --root $(BALANCED) --command "make balanced" --readme README.md --block balanced
+
+## Lint the package and the tests (ruff; the rules are in pyproject.toml). CI runs it before the tests.
+check: $(STAMP)
+	$(BIN)/ruff check pipeline tests
 
 ## Run the test suite.
 test: $(STAMP) browser postgres

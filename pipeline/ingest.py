@@ -26,13 +26,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import PipelineError
+from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, swapped_in, write_json
 from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.contracts import Provenance
-from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
-from pipeline.artifacts import (MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, swapped_in,
-                                write_json)
 from pipeline.ingest_engines import Engine, engine
 from pipeline.ingest_record import Context, Judged
+from pipeline.params import DEFAULT_PARAMS, Params, dataset_settings, load_params
 from pipeline.policy import REASONS, Decision, load_withdrawals
 from pipeline.sources import source_records
 

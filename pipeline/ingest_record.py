@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def parse_timestamp(raw: object) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         moment = datetime.combine(date.fromisoformat(text), datetime.min.time())
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _text(raw: object) -> str | None:

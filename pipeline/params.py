@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,7 +95,7 @@ class ImageFolderSettings(_ImageSettings):
 
 SOURCE_KINDS = ("synthetic", "sklearn_digits", "image_folder")
 DatasetSettings = Annotated[
-    Union[SyntheticSettings, DigitsSettings, ImageFolderSettings], Field(discriminator="kind")
+    SyntheticSettings | DigitsSettings | ImageFolderSettings, Field(discriminator="kind")
 ]
 
 

@@ -176,7 +176,8 @@ def load_withdrawals(path: Path) -> frozenset[str]:
 
 
 def withdrawal_match(facts: RecordFacts, withdrawn: frozenset[str]) -> str | None:
-    for field, value in (("record_id", facts.record_id), ("sha256", facts.sha256), ("source_sha256", facts.source_sha256)):
+    identities = (("record_id", facts.record_id), ("sha256", facts.sha256), ("source_sha256", facts.source_sha256))
+    for field, value in identities:
         if value is not None and value in withdrawn:
             return field
     return None

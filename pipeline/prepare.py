@@ -31,10 +31,10 @@ import pandas as pd
 from scipy.stats import binom
 
 from pipeline import PipelineError
+from pipeline.artifacts import SPLITS, Layout, read_table, swapped_in
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.near_duplicates import group_keys, near_pairs, shard_reader
 from pipeline.params import DEFAULT_PARAMS, NearDuplicateSettings, PrepareSettings, load_params
-from pipeline.artifacts import SPLITS, Layout, read_table, swapped_in
 
 log = logging.getLogger(__name__)
 

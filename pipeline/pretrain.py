@@ -28,8 +28,16 @@ from pipeline.normalisation import Normalisation
 from pipeline.params import DEFAULT_PARAMS, Params, PretrainSettings, load_params, training_datasets
 from pipeline.policy import card_decision
 from pipeline.reconstruction import masking_noise, reconstruction_figure
-from pipeline.tracking import (StepMetrics, connect, ended_on_failure, lineage_tags, md5, quiet, silenced_stdout,
-                               write_run_file)
+from pipeline.tracking import (
+    StepMetrics,
+    connect,
+    ended_on_failure,
+    lineage_tags,
+    md5,
+    quiet,
+    silenced_stdout,
+    write_run_file,
+)
 from pipeline.train import State, fingerprint, init_world, masked_losses, train
 
 log = logging.getLogger(__name__)
@@ -192,8 +200,8 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, pool: st
                              "val_loss": round(row.get("val_loss", float("nan")), 6)})
 
     shown = normalisation.normalise(val_pixels[:settings.figure_images])
-    figure = reconstruction_figure(model, shown, masking_noise(len(shown), model.patch_embed.num_patches, settings.seed),
-                                   normalisation, settings.mask_ratio, "validation images")
+    noise = masking_noise(len(shown), model.patch_embed.num_patches, settings.seed)
+    figure = reconstruction_figure(model, shown, noise, normalisation, settings.mask_ratio, "validation images")
     figure.savefig(layout.reconstructions_figure, dpi=120)
     encoder = MAEEncoder(model, pool).eval()  # the feature evaluate and the audits judged
     example = normalisation.normalise(val_pixels[:2])

@@ -60,7 +60,8 @@ def register_version(name: str, run: RunRecord, decision: str) -> str:
     from mlflow.exceptions import MlflowException
 
     if not run.model_uri:
-        raise PipelineError("models/mae/run.json: no model_uri (written by an older pretrain); run `dvc repro pretrain`")
+        raise PipelineError("models/mae/run.json: no model_uri (written by an older pretrain); "
+                            "run `dvc repro pretrain`")
     client = _client()
     try:
         existing = client.search_model_versions(f"name='{name}' and run_id='{run.run_id}'")
@@ -84,10 +85,10 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
     """Report beside the model: artifacts on its run, decision and evidence as version tags, aliases.
     `release` is what the report wrote to release.json. With report.require_signoff, only sign-offs that still
     hold against this report keep (or put) the alias `approved` on the version (pipeline.review)."""
+    from mlflow.exceptions import MlflowException
+
     from pipeline.report.changes import summary as changes_summary
     from pipeline.review.store import set_review_tags
-
-    from mlflow.exceptions import MlflowException
 
     client = _client()
     statuses = {f"release.area.{area}": entry.status for area, entry in release.areas.items()}

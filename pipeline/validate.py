@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, time, timezone
+from datetime import UTC, datetime, time
 from pathlib import Path
 
 import numpy as np
@@ -251,8 +251,8 @@ def build_checks(card: DataCard, params: Params, identity: pd.DataFrame, others:
         column="pixel_mean", min_value=low, max_value=high, mostly=1 - rules.max_constant_fraction)
     if card.source.collected_at_column:
         timeframe = card.provenance.timeframe
-        start = datetime.combine(timeframe.start, time.min, tzinfo=timezone.utc)
-        end = datetime.combine(timeframe.end, time.max, tzinfo=timezone.utc)
+        start = datetime.combine(timeframe.start, time.min, tzinfo=UTC)
+        end = datetime.combine(timeframe.end, time.max, tzinfo=UTC)
         add("records", "content.collected_at_in_timeframe", gxe.ExpectColumnValuesToBeBetween, critical,
             column="collected_at", min_value=start, max_value=end)
     # the card as data, and ingest's counts
@@ -284,7 +284,10 @@ def build_checks(card: DataCard, params: Params, identity: pd.DataFrame, others:
 def _context(docs_dir: Path):
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
-        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig)
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),
@@ -304,7 +307,8 @@ def _exception(result) -> str | None:
     """GX records errors in exception_info instead of raising: either one record or one per metric."""
     info = result.exception_info or {}
     records = [info] if "raised_exception" in info else list(info.values())
-    messages = [r.get("exception_message") or "error" for r in records if isinstance(r, dict) and r.get("raised_exception")]
+    messages = [r.get("exception_message") or "error" for r in records
+                if isinstance(r, dict) and r.get("raised_exception")]
     return "; ".join(messages) or None
 
 

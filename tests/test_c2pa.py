@@ -11,7 +11,6 @@ import json
 import shutil
 import struct
 import zlib
-from pathlib import Path
 
 import c2pa
 import numpy as np
@@ -49,7 +48,7 @@ def signer() -> c2pa.Signer:
     """An ES256 signer whose certificate a throwaway CA issued: C2PA refuses a self-signed end-entity certificate,
     and wants digitalSignature and an extended key usage (emailProtection) on it. The CA is on no trust list, so
     an intact manifest validates as `Valid`, not `Trusted`."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
 
     def certificate(subject, issuer, public, issuer_key, ca: bool):

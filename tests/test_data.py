@@ -13,8 +13,18 @@ import torch.nn.functional as F
 import yaml
 
 from pipeline import PipelineError
-from pipeline.data import (Batches, Draws, Epochs, NpyRows, SplitPixels, augment, crop_box, loader, model_input,
-                           on_device)
+from pipeline.data import (
+    Batches,
+    Draws,
+    Epochs,
+    NpyRows,
+    SplitPixels,
+    augment,
+    crop_box,
+    loader,
+    model_input,
+    on_device,
+)
 from pipeline.evaluate import raw_pixel_rows, raw_pixels
 from pipeline.normalisation import Normalisation
 from pipeline.params import AugmentSettings, EvaluateSettings, load_params

@@ -129,7 +129,8 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     assert ran(dvc(repo, "repro", "prepare")) == {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare"}
     quarantine = pd.read_parquet(repo / "data" / "ingested" / "synthetic" / "quarantine.parquet")
     assert set(quarantine.loc[quarantine["record_id"] == trained_on, "reason"]) == {"withdrawal_request"}
-    assert trained_on not in set(pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"])
+    trained = pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"]
+    assert trained_on not in set(trained)
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert "pretrain" in status and "report" in status, status
 

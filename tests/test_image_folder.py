@@ -40,7 +40,7 @@ def build_folder(folder: Path) -> None:
 
     rgb.save(folder / "rgb.png"); add("rgb", "rgb.png")
     rgb.save(folder / "photo.jpg", quality=90); add("jpeg", "photo.jpg")
-    Image.fromarray((gradient()[:, :, 0].astype(np.uint16) * 257)).save(folder / "deep.png"); add("16bit", "deep.png")
+    Image.fromarray(gradient()[:, :, 0].astype(np.uint16) * 257).save(folder / "deep.png"); add("16bit", "deep.png")
     rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png"); add("palette", "palette.png")
     rgba = rgb.copy(); rgba.putalpha(128); rgba.save(folder / "alpha.png"); add("rgba", "alpha.png")
     rgb.convert("L").save(folder / "grey.png"); add("grey", "grey.png")

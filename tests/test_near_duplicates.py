@@ -16,8 +16,14 @@ from pipeline import PipelineError
 from pipeline.cards import DataCard
 from pipeline.contracts import ValidationSummary
 from pipeline.near_duplicates import correlations, group_keys, hash_values, near_pairs, pairs, thumbnails
-from pipeline.params import (DefectRates, IngestSettings, NearDuplicateSettings, PrepareSettings, SyntheticSettings,
-                             load_params)
+from pipeline.params import (
+    DefectRates,
+    IngestSettings,
+    NearDuplicateSettings,
+    PrepareSettings,
+    SyntheticSettings,
+    load_params,
+)
 from pipeline.prepare import GROUP, assign_splits, near_duplicate_groups
 from pipeline.sources import synthetic
 from pipeline.sources.records import perceptual_hash

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 import pytest
 import yaml
 from mlflow import MlflowClient
+from psycopg import sql
 
 from tests.conftest import ROOT, Workspace, free_port, serve_mlflow, small_params
 

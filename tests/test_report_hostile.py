@@ -73,7 +73,8 @@ def test_the_renderer_embeds_only_the_stages_own_figures_and_never_fails(tmp_pat
     (tmp_path / "figures").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "figures" / "eval-own.png")
     shutil.copy(tmp_path / "figures" / "eval-own.png", tmp_path / "figures" / "unlisted.png")
-    markdown = f"# r\n\n![own](figures/eval-own.png)\n\n![x]({source})\n\n![]({source})\n\n![y][ref]\n\n[ref]: {source}\n"
+    markdown = (f"# r\n\n![own](figures/eval-own.png)\n\n![x]({source})\n\n![]({source})\n\n![y][ref]\n\n"
+                f"[ref]: {source}\n")
     page = report_html(markdown, tmp_path, "r", 500, ["eval-own.png"])
     images = assert_inert(page, "data:image/png;base64,")
     own = base64.b64encode((tmp_path / "figures" / "eval-own.png").read_bytes()).decode("ascii")

@@ -12,13 +12,13 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.audit.shift import (
     CORRUPTIONS,
+    IN_DISTRIBUTION,
     SEVERITIES,
     CorruptionPairs,
     corrupt,
     corruption_check,
     corruption_pairs,
     corruption_suite,
-    IN_DISTRIBUTION,
     domain_auc,
     domain_checks,
     drift_checks,

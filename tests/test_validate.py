@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -101,7 +101,7 @@ def test_each_defect_is_caught_by_the_expectation_meant_for_it(ingested: Workspa
         params, tables, checks, near = loaded(ingested, withdrawn=frozenset({"inj-withdrawn-id"}))
         records = tables[("synthetic", "records")]
         digits_sha = tables[("sklearn_digits", "records")].sha256.iloc[0]
-        late = pd.Timestamp(datetime(2031, 1, 1, tzinfo=timezone.utc))
+        late = pd.Timestamp(datetime(2031, 1, 1, tzinfo=UTC))
         injected = pd.concat([
             records,
             _copy(records, 0, "inj-withdrawn", consent_status="withdrawn"),

@@ -1,18 +1,18 @@
 """The bias audit: does the model serve every group of people, and every intersection of groups, alike?
 
-For each sensitive attribute of the card, and each intersection of two or more of them, fairlearn's
-MetricFrame computes per-group reconstruction error and probe / kNN accuracy on images the model never
-saw (audit_bias.splits); each group's value has a bootstrap interval by the comparisons' method (BCa; fairlearn's
-own bootstrap, percentile and row by row, took 100 s of a 2-minute audit on 8,000 images). Each group is then
-compared with a reference fixed before looking at the data: the group audit_bias.reference_groups names, else
-the pooled rest (every other group of the grouping). Picking the best-served group from the same data would bias the comparison (family-wise coverage
-0.91 with three groups) and change the check ids from one version to the next; against the pooled rest every
-group has its own check, `bias.<metric>.<grouping>=<group>`, whichever group is best served. The statistic is
-signed: error / the reference's - 1 and accuracy - the reference's, bootstrapped with each side resampled on its
-own (pipeline.audit.stats). A check passes when its interval lies within ±tolerance (an equivalence test), fails
-when it lies wholly beyond the tolerance in the harmful direction, and is inconclusive otherwise. With more than
-two groups the confidence is adjusted over the groups compared (audit_bias.adjustment); with two, the two checks
-are one comparison seen from either side (each group against the other), so the confidence is not divided.
+For each sensitive attribute of the card, and each intersection of two or more of them, fairlearn's MetricFrame
+computes per-group reconstruction error and probe / kNN accuracy on images the model never saw (audit_bias.splits);
+each group's value has a bootstrap interval by the comparisons' method (BCa; fairlearn's own bootstrap, percentile
+and row by row, took 100 s of a 2-minute audit on 8,000 images). Each group is then compared with a reference fixed
+before looking at the data: the group audit_bias.reference_groups names, else the pooled rest (every other group of
+the grouping). Picking the best-served group from the same data would bias the comparison (family-wise coverage 0.91
+with three groups) and change the check ids from one version to the next; against the pooled rest every group has
+its own check, `bias.<metric>.<grouping>=<group>`, whichever group is best served. The statistic is signed: error /
+the reference's - 1 and accuracy - the reference's, bootstrapped with each side resampled on its own
+(pipeline.audit.stats). A check passes when its interval lies within ±tolerance (an equivalence test), fails when it
+lies wholly beyond the tolerance in the harmful direction, and is inconclusive otherwise. With more than two groups
+the confidence is adjusted over the groups compared (audit_bias.adjustment); with two, the two checks are one
+comparison seen from either side (each group against the other), so the confidence is not divided.
 Groups smaller than audit_bias.min_group_size are reported as "insufficient data" with their count only, never
 with values that could single people out, along with the images that would settle the check.
 Representation: each group's share of the training data against the card's target population share.

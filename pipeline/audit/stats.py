@@ -25,8 +25,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -273,7 +274,8 @@ def settle_sentence(operating: Operating | None) -> str:
         return ""
     parts = []
     if operating.for_pass is not None:
-        parts.append(f"{operating.for_pass.sample} images on the compared side (reference {operating.for_pass.reference}) "
+        parts.append(f"{operating.for_pass.sample} images on the compared side "
+                     f"(reference {operating.for_pass.reference}) "
                      f"would pass it with {TARGET:.0%} probability if there were no gap")
     if operating.for_fail is not None:
         parts.append(f"{operating.for_fail.sample} (reference {operating.for_fail.reference}) would fail it with "

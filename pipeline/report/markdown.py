@@ -4,7 +4,7 @@ or a metadata file passes through `text()` or `code()` (pipeline.render)."""
 from __future__ import annotations
 
 from pipeline.artifacts import BIAS, INGESTED, QUARANTINE, SHIFT, VALIDATION
-from pipeline.contracts import Check
+from pipeline.contracts import Check, Review
 from pipeline.policy import REASONS
 from pipeline.presets import POOL_NAMES
 from pipeline.render import (
@@ -19,11 +19,9 @@ from pipeline.render import (
     table,
     text,
 )
-from pipeline.contracts import Review
 from pipeline.report.evidence import Evidence
 from pipeline.report.regression import NOT_APPLICABLE
 from pipeline.review.signoff import BLOCK_END, BLOCK_START
-
 
 NOT_STATED = "not stated (a card of schema_version 1)"
 
@@ -106,7 +104,8 @@ def signoff_section(review: Review) -> list[str]:
         lines += ["**No human signed.** `report.require_signoff` is false: the alias `approved` follows the "
                   "automatic outcome alone (an eligible version is approved, a blocked one is not).", ""]
     else:
-        lines += [f"**{review.state.upper()}**: {sum(v.decision == 'approve' and not v.problems for v in review.signoffs)}"
+        approvals = sum(v.decision == "approve" and not v.problems for v in review.signoffs)
+        lines += [f"**{review.state.upper()}**: {approvals}"
                   f" of {review.required_signoffs} required approvals. The gate proposes; only a signed sign-off "
                   "(`python -m pipeline review`) moves the alias `approved`.", ""]
     if review.signoffs:

@@ -32,8 +32,8 @@ SAMPLE_METRICS = {  # metric -> (column, statistic, harmful, what the statistic 
     "probe_accuracy": ("probe_correct", "difference", "lower", "candidate - approved unseen accuracy"),
     "knn_accuracy": ("knn_correct", "difference", "lower", "candidate - approved unseen accuracy"),
 }
-AUDITED = ("bias", "shift", "memorization")
-NOT_APPLICABLE = "regression.approved_version"  # the one check when there is nothing to compare with  # areas whose checks are compared through release.json
+AUDITED = ("bias", "shift", "memorization")  # areas whose checks are compared through release.json
+NOT_APPLICABLE = "regression.approved_version"  # the one check when there is nothing to compare with
 
 
 def regression_checks(samples: pd.DataFrame, checks: list[Check], attributes: list[str], approved: Approved | None,

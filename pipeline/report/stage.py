@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -200,6 +200,6 @@ def signed_off(release: Release, out: Path, params: Params, params_path: Path, c
     """The report with the sign-offs already recorded for its version (a report re-run): each still holds only
     if what it signed is unchanged, which their digests, blind to the sign-off block, tell."""
     ctx = context(release, out, params, params_path, cards_dir, layout, reviewers_missing_ok=True)
-    review = review_of(ctx, params, datetime.now(timezone.utc).date())
+    review = review_of(ctx, params, datetime.now(UTC).date())
     rewrite_report(out, review)
     return release.model_copy(update={"review": review})

@@ -7,7 +7,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from pipeline import PipelineError
@@ -69,13 +69,13 @@ def sign_off(request: Request, version: str | None, params_path: Path, cards_dir
     if params.report.forbid_self_signoff and ctx.run_user in (signer.mlflow_user, signer.name):
         raise PipelineError(f"{signer.name} trained this model (MLflow run user {ctx.run_user}); "
                             "report.forbid_self_signoff forbids signing one's own model")
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     waivers = [parse_waiver(text, release.checks, today) for text in request.waivers]
     if request.decision == "waive" and not waivers:
         raise PipelineError("review waive: name at least one check to waive")
     if not request.comment.strip():
         raise PipelineError("a sign-off needs a comment (--comment)")
-    time = datetime.now(timezone.utc)
+    time = datetime.now(UTC)
     predicate = SignoffPredicate(reviewer=signer.name, time=time.isoformat(timespec="seconds"),
                                  decision=request.decision, comment=request.comment, waivers=waivers,
                                  registered_model=release.model.registered_model, version=release.model.version,
@@ -132,7 +132,7 @@ def verify(version: str | None, params_path: Path, cards_dir: Path, layout: Layo
     """Recompute every digest the version's sign-offs name, verify their signatures against the reviewers file,
     and check waivers and withdrawals: the review, whose problems are one line each."""
     params = load_params(params_path)
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     with tempfile.TemporaryDirectory() as tmp:
         release, governance = governance_of(version, params, layout, Path(tmp))
         # no reviewers file: nobody may sign, so nothing holds (a malformed one is still an error)

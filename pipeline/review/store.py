@@ -18,8 +18,7 @@ from pipeline.contracts import Release, Review
 from pipeline.params import Params
 from pipeline.policy import load_withdrawals
 from pipeline.review.reviewers import Reviewers, load_reviewers
-from pipeline.review.signoff import BLOCK_END, BLOCK_START, open_envelope, reviewed_digest, sha256_bytes, \
-    sha256_file
+from pipeline.review.signoff import BLOCK_END, BLOCK_START, open_envelope, reviewed_digest, sha256_bytes, sha256_file
 from pipeline.review.verify import Recorded, evaluate
 from pipeline.tracking import mlflow_error, silenced_stdout
 

@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Union
 
 import imagehash
 import numpy as np
@@ -56,7 +55,7 @@ class SourceRecord:
 # What a source yields: a record, or a picklable callable that makes it (a functools.partial of a module-level
 # function), so ingest can leave the costly part (reading and decoding a file) to its workers while the source
 # itself stays a cheap, ordered listing.
-Item = Union[SourceRecord, Callable[[], SourceRecord]]
+Item = SourceRecord | Callable[[], SourceRecord]
 
 
 def resolved(item: Item) -> SourceRecord:

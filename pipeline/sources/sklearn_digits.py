@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from pipeline.cards import DataCard
-from pipeline.params import IngestSettings, DigitsSettings
+from pipeline.params import DigitsSettings, IngestSettings
 from pipeline.sources.records import SourceRecord, sha256_bytes, stored_pixels
 
 

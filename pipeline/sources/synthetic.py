@@ -15,7 +15,7 @@ how many records are generated.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from io import BytesIO
 
 import numpy as np
@@ -102,7 +102,7 @@ def _defect(settings: SyntheticSettings, u: float) -> str | None:
 def _collected_at(site, rng: np.random.Generator) -> str:
     start, end = date.fromisoformat(site.collected_from), date.fromisoformat(site.collected_to)
     day = start + timedelta(days=int(rng.integers(0, (end - start).days + 1)))
-    moment = datetime.combine(day, time(), tzinfo=timezone.utc) + timedelta(seconds=int(rng.integers(0, 86400)))
+    moment = datetime.combine(day, time(), tzinfo=UTC) + timedelta(seconds=int(rng.integers(0, 86400)))
     return moment.isoformat()
 
 
