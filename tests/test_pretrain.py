@@ -157,20 +157,26 @@ def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupte
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted.root)}
     child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill once steps past the last (mid-epoch) checkpoint are in MLflow, so the resumed run re-lives logged steps
-    deadline, client, run_id = time.time() + 300, None, None
-    while time.time() < deadline and child.poll() is None:
+    # kill once steps past the last (mid-epoch) checkpoint are in MLflow, so the resumed run re-lives logged steps;
+    # the state is read with the trainer stopped (SIGSTOP), so what is checked is what the kill leaves
+    deadline, client, run_id, killed = time.time() + 300, None, None, False
+    while time.time() < deadline and child.poll() is None and not killed:
         if checkpoint.exists():  # the run (and its database) exists before the first checkpoint
-            if client is None:
-                client = MlflowClient(uri)
-                run_id = torch.load(checkpoint, weights_only=True)["run_id"]
-            saved = torch.load(checkpoint, weights_only=True)
-            if saved["step"] >= 10 and max(m.step for m in client.get_metric_history(run_id, "train_loss")) \
-                    > saved["step"]:
-                break
+            child.send_signal(signal.SIGSTOP)
+            try:
+                saved = torch.load(checkpoint, weights_only=True)
+                if client is None:
+                    client, run_id = MlflowClient(uri), saved["run_id"]
+                logged = max(m.step for m in client.get_metric_history(run_id, "train_loss"))
+                if saved["step"] >= 10 and logged > saved["step"]:
+                    child.send_signal(signal.SIGKILL)
+                    killed = True
+            except Exception:  # stopped mid-write of the database: let it finish and look again
+                pass
+            if not killed:
+                child.send_signal(signal.SIGCONT)
         time.sleep(0.01)
-    assert child.poll() is None, "training ended before it could be interrupted"
-    child.send_signal(signal.SIGKILL)
+    assert killed, "training ended before it could be interrupted"
     child.wait()
     assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
     saved = torch.load(checkpoint, weights_only=True)
