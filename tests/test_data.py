@@ -25,7 +25,7 @@ from pipeline.data import (
     model_input,
     on_device,
 )
-from pipeline.evaluate import raw_pixel_rows, raw_pixels
+from pipeline.features import raw_pixel_rows, raw_pixels
 from pipeline.normalisation import Normalisation
 from pipeline.params import AugmentSettings, EvaluateSettings, load_params
 from pipeline.trained import Split, take

@@ -1,11 +1,13 @@
-"""dvc.yaml cannot drift from the code: every stage depends on every pipeline module its command imports.
+"""dvc.yaml cannot drift from the code: every stage depends on exactly the pipeline modules its command imports.
 
 A module a stage imports but does not list would let `dvc repro` skip the stage after that module changed,
 so its outputs would no longer be what the code produces. The closure is computed statically: the
 module-level imports of `pipeline/__main__.py`, the imports inside the stage's handler, then every import
 anywhere in each module reached (function-level imports included, so the closure is a superset of what
 runs). Importing `pipeline.a.b` runs `pipeline/a/__init__.py` too, so packages count. Imports by name at
-run time (`importlib`, the ingest source kinds) are not seen; dvc.yaml lists those by template.
+run time (`importlib`, the ingest source kinds) are not seen; dvc.yaml lists those by template. The converse
+holds too: a listed module the stage never imports would re-run it (and every stage after it) for nothing, as a
+stage once re-ran the shift audit whenever evaluate's own code changed.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def missing_deps(cmd: str, deps: list[str]) -> list[str]:
                   if not any(path == dep or dep in path.parents for dep in covered))
 
 
+SOURCE_KINDS = Path("pipeline/sources")  # imported by name at run time: the ingest stage lists its own by template
+
+
+def extra_deps(cmd: str, deps: list[str]) -> list[str]:
+    """Listed pipeline files and folders that cover none of the files the stage imports."""
+    imported = stage_imports(cmd)
+    return sorted({dep for dep in deps if dep.startswith("pipeline/") and Path(dep).parent != SOURCE_KINDS
+                   and not any(path == Path(dep) or Path(dep) in path.parents for path in imported)})
+
+
 def dvc_stages() -> list[tuple[str, str, list[str]]]:
     with Repo(str(ROOT)) as repo:
         return [(stage.addressing, stage.cmd, [dep.def_path for dep in stage.deps]) for stage in repo.index.stages]
@@ -101,6 +113,12 @@ def test_every_imported_module_is_a_dependency(stage: str, cmd: str, deps: list[
     assert not missing, f"dvc.yaml stage {stage} imports {', '.join(missing)} but does not list it under deps"
 
 
+@pytest.mark.parametrize(("stage", "cmd", "deps"), STAGES, ids=[s[0] for s in STAGES])
+def test_every_listed_module_is_imported(stage: str, cmd: str, deps: list[str]):
+    extra = extra_deps(cmd, deps)
+    assert not extra, f"dvc.yaml stage {stage} lists {', '.join(extra)} but never imports it"
+
+
 def test_a_removed_dependency_is_named():
     stage, cmd, deps = next(s for s in STAGES if s[0] == "report")
     registry = "pipeline/registry.py"
@@ -110,6 +128,8 @@ def test_a_removed_dependency_is_named():
     assert Path("pipeline/report/judge.py") in stage_imports(cmd) and "pipeline/report" in deps
     assert "pipeline/report/judge.py" in missing_deps(cmd, [d for d in deps if d != "pipeline/report"])
     assert missing_deps(cmd, [d for d in deps if not d.startswith("pipeline/")] + ["pipeline"]) == []
+    # and a listed module the stage never imports
+    assert extra_deps(cmd, deps) == [] and extra_deps(cmd, deps + ["pipeline/pretrain.py"]) == ["pipeline/pretrain.py"]
 
 
 def test_package_and_submodule_imports_are_followed():

@@ -14,16 +14,8 @@ import yaml
 
 from pipeline.artifacts import Layout
 from pipeline.contracts import ClassifierScores, EvalMetrics
-from pipeline.evaluate import (
-    SCALER_ROWS,
-    accuracy,
-    correct_columns,
-    correctness,
-    knn,
-    linear_probe,
-    representation_metrics,
-    write_rows,
-)
+from pipeline.evaluate import correct_columns, correctness, representation_metrics, write_rows
+from pipeline.features import SCALER_ROWS, accuracy, knn, linear_probe
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
 from pipeline.params import EvaluateSettings

@@ -10,24 +10,20 @@ import torch
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from pipeline.audit.shift import (
+from pipeline.audit.corruptions import (
     CORRUPTIONS,
-    IN_DISTRIBUTION,
     SEVERITIES,
     CorruptionPairs,
     corrupt,
     corruption_check,
     corruption_pairs,
     corruption_suite,
-    domain_auc,
-    domain_checks,
-    drift_checks,
-    drift_power,
-    mmd_test,
 )
+from pipeline.audit.drift import IN_DISTRIBUTION, domain_auc, drift_checks, drift_power, mmd_test
+from pipeline.audit.shift import domain_checks
 from pipeline.audit.stats import Criterion, compare
 from pipeline.contracts import Corruptions, ShiftResult
-from pipeline.evaluate import embed, linear_probe
+from pipeline.features import embed, linear_probe
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
 from pipeline.params import ShiftSettings, load_params
