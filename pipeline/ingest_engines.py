@@ -170,22 +170,7 @@ def _ray(workers: int) -> Iterator[Callable[[], int]]:
         yield start
     finally:
         if ray.is_initialized():
-            if not address:
-                _stop_monitor()
             ray.shutdown()
-
-
-def _stop_monitor() -> None:
-    """Ray's shutdown stops its GCS before its autoscaler monitor, whose SIGTERM handler then waits on the stopped
-    GCS until it is killed a second later (the order `ray stop` dropped in ray-project/ray#30672): a second of idle
-    machine at the end of every local run. Killed first, it exits at once; it holds nothing a local Ray needs. This
-    reaches into Ray's internals, so where they differ (another Ray version) Ray's own shutdown does it."""
-    try:
-        from ray._private import ray_constants, worker
-
-        worker._global_node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False)
-    except (ImportError, AttributeError, TypeError) as exc:
-        log.debug("Ray's monitor left to ray.shutdown: %s", exc)
 
 
 def _judge_chunks(batch: dict, context: Context) -> dict:
