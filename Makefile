@@ -8,7 +8,7 @@ PYTEST_WORKERS ?= 2
 # Debian packages tests need (chromium, postgresql), installed once, with sudo when not root.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check ui install browser postgres clean balanced readme
+.PHONY: run test test-fast check ui install browser postgres clean balanced readme
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ check: $(STAMP)
 ## Run the test suite.
 test: $(STAMP) browser postgres
 	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+## The unit tier alone (tests marked `fast`): cards, policy, params, stats, contracts, near-duplicates, render and the
+## hostile-input units, in about a minute; `make test` runs everything.
+test-fast: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m fast $(PYTEST_ARGS)
 
 ## The MLflow UI on the project's store at http://127.0.0.1:5000
 ui: $(STAMP)

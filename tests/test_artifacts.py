@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.artifacts import swapped_in
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 
 def written(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir())}

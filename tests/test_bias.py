@@ -55,11 +55,13 @@ def status(result: BiasResult, check_id: str) -> str:
     return check_of(result, check_id).status
 
 
+@pytest.mark.fast
 def test_overall_status_is_the_worst():
     assert overall_status(["pass", "inconclusive"]) == "inconclusive" and overall_status(["pass", "fail"]) == "fail"
     assert overall_status([]) == "inconclusive"
 
 
+@pytest.mark.fast
 def test_a_real_gap_fails_the_worse_group_against_the_pooled_rest():
     samples = table({"group_a": 400, "group_b": 400}, {"group_a": 0.010, "group_b": 0.013},
                     {"group_a": 0.80, "group_b": 0.60}, seed=0)
@@ -83,6 +85,7 @@ def test_a_real_gap_fails_the_worse_group_against_the_pooled_rest():
     assert result.status == "fail"
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("seed", range(5))
 def test_equal_groups_raise_no_alarm_and_their_signed_intervals_reach_zero(seed: int):
     samples = table({"group_a": 300, "group_b": 300}, {"group_a": 0.01, "group_b": 0.01},
@@ -94,6 +97,7 @@ def test_equal_groups_raise_no_alarm_and_their_signed_intervals_reach_zero(seed:
     assert error.interval[0] < 0 < error.interval[1], "a signed interval is not pushed away from zero"
 
 
+@pytest.mark.fast
 def test_small_groups_are_withheld_and_get_the_size_that_would_decide():
     samples = table({"group_a": 200, "group_b": 12}, {"group_a": 0.01, "group_b": 0.02},
                     {"group_a": 0.7, "group_b": 0.2}, seed=1)
@@ -111,6 +115,7 @@ def test_small_groups_are_withheld_and_get_the_size_that_would_decide():
     assert all(c.status == "inconclusive" and "nothing to compare with" in c.reason for c in alone)
 
 
+@pytest.mark.fast
 def test_check_ids_stay_the_same_whichever_group_is_best_served():
     """Regression checks pair a version's checks with the approved version's by id: the ids must not follow the
     data."""
@@ -123,6 +128,7 @@ def test_check_ids_stay_the_same_whichever_group_is_best_served():
     assert "bias.probe_accuracy.group=group_a" in ids[0] and "bias.probe_accuracy.group=group_b" in ids[0]
 
 
+@pytest.mark.fast
 def test_with_three_groups_the_family_of_intervals_keeps_its_coverage():
     """Three equal groups, each against the pooled others, Bonferroni over the three: every interval of the family
     covers the true gap (none) in at least 93% of samples. (Choosing the best-served group as the reference from
@@ -141,6 +147,7 @@ def test_with_three_groups_the_family_of_intervals_keeps_its_coverage():
     assert covered / replications >= 0.93
 
 
+@pytest.mark.fast
 def test_params_whose_checks_can_never_pass_are_named_before_the_audit():
     samples = table({"group_a": 858, "group_b": 100}, {"group_a": 0.01, "group_b": 0.01},
                     {"group_a": 0.5, "group_b": 0.5}, seed=6)
@@ -150,6 +157,7 @@ def test_params_whose_checks_can_never_pass_are_named_before_the_audit():
     assert "an 80% pass at no gap needs about" in lines[0]
 
 
+@pytest.mark.fast
 def test_a_named_reference_is_compared_with_and_a_better_served_group_is_not_a_harm():
     samples = table({"group_a": 400, "group_b": 400}, {"group_a": 0.010, "group_b": 0.013},
                     {"group_a": 0.7, "group_b": 0.7}, seed=3)
@@ -162,6 +170,7 @@ def test_a_named_reference_is_compared_with_and_a_better_served_group_is_not_a_h
     assert entry.reference_reason == "named in audit_bias.reference_groups"
 
 
+@pytest.mark.fast
 def test_a_reference_group_the_card_does_not_know_is_a_one_line_error():
     with pytest.raises(PipelineError, match=r"^params.yaml: audit_bias.reference_groups.group: 'group_z' is not a "
                                             r"value of group \(values: group_a, group_b\)$"):
@@ -173,6 +182,7 @@ def test_a_reference_group_the_card_does_not_know_is_a_one_line_error():
 
 
 
+@pytest.mark.fast
 def test_intersections_of_two_attributes_are_audited_with_the_confidence_adjusted_for_three_comparisons():
     base = card().model_dump()
     base["sensitive_attributes"].append({"name": "age_band", "values": ["young", "old"], "description": "x"})

@@ -26,6 +26,8 @@ from pipeline.params import Policy
 from pipeline.policy import RecordFacts, c2pa_decision, c2pa_training
 from tests.conftest import ROOT, Workspace, small_params
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 GOOD = {"photographer": "alice", "taken_at": "2025-03-01T10:00:00", "license": "CC-BY-4.0",
         "consent": "granted", "camera": "phone", "age_band": "under_30", "label": "indoor"}
 CREATED = {"label": "c2pa.actions", "data": {"actions": [

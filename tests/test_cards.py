@@ -10,6 +10,8 @@ from pipeline import PipelineError
 from pipeline.cards import card_problems, load_card
 from tests.conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 CARDS = sorted((ROOT / "data_cards").glob("*.yaml")) + sorted((ROOT / "data_cards" / "examples").glob("*.yaml"))
 
 

@@ -7,10 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from pipeline.contracts import Check
 from pipeline.registry import Approved
 from pipeline.report.changes import changes, flatten, param_changes, record_changes, status_changes, summary
+
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
 
 
 def records(dataset: str, ids: range) -> pd.DataFrame:

@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 
 @pytest.mark.parametrize("command, mentions", [
     ((), "dvc repro"),

@@ -21,6 +21,8 @@ from dvc.repo import Repo
 
 from pipeline.__main__ import build_parser
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from pipeline.mae import PRESETS, MAEEncoder, MaskedAutoencoderViT, build, load_reference_checkpoint, sincos_2d
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 
 def reference_layout(img=224, patch=16, chans=3, dim=768, depth=12, dec=512, dec_depth=8) -> dict[str, tuple]:
     """Keys and shapes of facebookresearch/mae MaskedAutoencoderViT (mlp_ratio 4, qkv bias on)."""

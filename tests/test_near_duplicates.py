@@ -44,6 +44,7 @@ def in_memory(images: np.ndarray):
     return lambda records: iter([(np.arange(len(records)), images[records.index.to_numpy()])])
 
 
+@pytest.mark.fast
 def test_banded_pairs_are_exactly_the_pairs_within_the_distance():
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**64 - 1, size=2000, dtype=np.uint64, endpoint=True)
@@ -71,6 +72,7 @@ def _planted(**changes) -> tuple[pd.DataFrame, np.ndarray, list]:
     return frame, np.stack([r.pixels for r in records]), records
 
 
+@pytest.mark.fast
 def test_every_planted_near_copy_is_found_and_no_unrelated_pair():
     """1500 images, half of them planted near-copies (every kind): each is paired with its original, and no two
     images outside one planted group are paired."""
@@ -114,6 +116,7 @@ def _write_dataset(folder, images: np.ndarray, ids: list[str]) -> pd.DataFrame:
                          "pixels_file": "pixels-00000.npy", "pixels_index": np.arange(len(ids), dtype=np.int32)})
 
 
+@pytest.mark.fast
 def test_pairs_across_datasets_are_reported_on_both_sides_and_grouped_together(tmp_path):
     images = _smooth_images(4, 32, 3, seed=0)
     images[0] = _smooth_images(1, 32, 1, seed=1)  # a1 grey, so that a grey copy of it is a near-copy
@@ -137,6 +140,7 @@ def test_pairs_across_datasets_are_reported_on_both_sides_and_grouped_together(t
     assert len(malformed) == 3 and (malformed.distance == -1).sum() == 3
 
 
+@pytest.mark.fast
 def test_thumbnails_ignore_brightness_and_contrast_and_flat_images_pair_with_nothing():
     image = _smooth_images(1, 24, 3, seed=1)  # 24 pixels: cells that cut pixels
     brighter = np.clip(image.astype(np.float64) * 0.8 + 30, 0, 255).round().astype(np.uint8)
@@ -144,6 +148,7 @@ def test_thumbnails_ignore_brightness_and_contrast_and_flat_images_pair_with_not
     assert correlations(thumbs[:1], thumbs[1:2])[0] > 0.999 and not thumbs[2].any()
 
 
+@pytest.mark.fast
 def test_a_group_shares_one_split_and_a_withdrawal_moves_only_its_own_group():
     rng = np.random.default_rng(1)
     hashes = rng.integers(0, 2**64 - 1, size=3000, dtype=np.uint64, endpoint=True)
@@ -165,6 +170,7 @@ def test_a_group_shares_one_split_and_a_withdrawal_moves_only_its_own_group():
     assert after.loc[10:].equals(before.loc[10:].drop(index=20)), "no record outside the group moves"
 
 
+@pytest.mark.fast
 def test_bad_near_duplicate_params_are_one_line_errors(workspace: Workspace):
     params = small_params()
     params["validation"]["near_duplicates"]["hash_distance"] = -1

@@ -10,6 +10,8 @@ from pipeline.params import Policy
 from pipeline.policy import RecordFacts, consent_status, decide, license_allowed, record_license
 from tests.conftest import ROOT, default_params
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 NOTHING_WITHDRAWN: frozenset[str] = frozenset()
 
 

@@ -42,6 +42,7 @@ def default_manifest(tmp_path_factory) -> pd.DataFrame:
     return pd.read_parquet(space.ingested("synthetic") / "manifest.parquet")
 
 
+@pytest.mark.fast
 def test_splits_are_deterministic_and_independent_of_row_order():
     frame = table()
     first = assign_splits(frame, CARD, SETTINGS)
@@ -50,6 +51,7 @@ def test_splits_are_deterministic_and_independent_of_row_order():
     assert first.equals(assign_splits(frame, CARD, SETTINGS))
 
 
+@pytest.mark.fast
 def test_the_seed_changes_the_assignment():
     frame = table()
     kept = frame.domain != "site_east"
@@ -70,6 +72,7 @@ def test_withdrawing_or_adding_records_moves_no_other_record(default_manifest: p
     assert assign_splits(added, CARD, SETTINGS)[:len(default_manifest)].equals(before)
 
 
+@pytest.mark.fast
 def test_the_same_image_gets_the_same_split_in_every_dataset():
     frame = table().assign(dataset="a")
     copy = frame.sample(frac=1, random_state=5).assign(dataset="b", record_id=lambda f: "copy-" + f.record_id)
@@ -83,6 +86,7 @@ def test_the_same_image_gets_the_same_split_in_every_dataset():
     assert set(leaks(moved).sha256) == set(frame.sha256[frame.domain == "site_east"])
 
 
+@pytest.mark.fast
 def test_held_out_domains_never_reach_training():
     frame = table()
     split = assign_splits(frame, CARD, SETTINGS)
@@ -103,6 +107,7 @@ def test_default_data_is_stratified_within_the_stated_tolerance(default_manifest
     assert set(outside.stratum) == {"site_north|group_b", "site_south|group_b"} and len(outside) == 6
 
 
+@pytest.mark.fast
 def test_leak_check_finds_an_image_in_two_splits():
     frame = pd.DataFrame({"dataset": ["a", "a", "b"], "record_id": ["1", "2", "3"],
                           "sha256": ["x", "y", "x"], "split": ["train", "test", "test"]})

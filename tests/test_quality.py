@@ -14,6 +14,8 @@ from pipeline.params import ReportSettings
 from pipeline.report.judge import decide_release
 from pipeline.report.markdown import quality_statement
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=200, max_n_boot=1600, advisory=["shift.drift.*"])
 IDS = ["model.reconstruction.patch_mean", "model.probe.random_init", "model.probe.raw_pixels",
        "model.knn.random_init", "model.knn.raw_pixels"]

@@ -18,6 +18,8 @@ from pipeline.report.judge import decide_release
 from pipeline.report.regression import regression_checks
 from tests.conftest import ROOT, mlflow_env
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=200, advisory=["shift.drift.*"])
 
 

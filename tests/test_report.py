@@ -37,6 +37,7 @@ def checks_of(statuses: dict[str, str]) -> list[Check]:
     return [Check(id=i, area=i.split(".")[0], status=s, statistic="x", detail="x") for i, s in statuses.items()]
 
 
+@pytest.mark.fast
 def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
     checks = checks_of({"bias.x": "pass", "shift.drift.site": "fail", "consent.documented.x": "inconclusive"})
     release = decide_release(checks, SETTINGS)
@@ -49,6 +50,7 @@ def test_a_failed_blocking_check_blocks_and_advisory_checks_do_not():
 @pytest.mark.parametrize("check_id", ["model.probe.random_init", "bias.probe_accuracy.group=group_b",
                                       "bias.representation.group", "shift.error.site_east", "shift.accuracy.site_east",
                                       "shift.corruptions", "memorization.group=group_b"])
+@pytest.mark.fast
 def test_an_inconclusive_check_that_protects_people_blocks_by_default(check_id: str):
     release = decide_release(checks_of({"bias.x": "pass", check_id: "inconclusive"}), SETTINGS)
     assert release.decision == "blocked" and release.blocked_by == [check_id]
@@ -67,6 +69,7 @@ def memorization_table(train_mse: float, unseen_mse: float, n: int = 400, seed: 
                          "group": ["a", "b"] * n})
 
 
+@pytest.mark.fast
 def test_memorization_fails_a_model_that_reconstructs_what_it_saw_far_better():
     memorised, _ = memorization(memorization_table(0.005, 0.010), ["group"], SETTINGS, min_group_size=30)
     assert {c.id: c.status for c in memorised} == {"memorization.overall": "fail", "memorization.group=a": "fail",
@@ -78,6 +81,7 @@ def test_memorization_fails_a_model_that_reconstructs_what_it_saw_far_better():
     assert table["group=a"].status == "inconclusive" and table["group=a"].value is None
 
 
+@pytest.mark.fast
 def test_memorization_compares_training_with_unseen_images_of_the_same_domains_per_group():
     samples = pd.DataFrame({
         "split": ["train", "train", "val", "test", "train", "train", "test", "val", "heldout"],
@@ -91,6 +95,7 @@ def test_memorization_compares_training_with_unseen_images_of_the_same_domains_p
     assert table["group=b"].unseen_count == 2
 
 
+@pytest.mark.fast
 def test_consent_check_of_training_records_follows_todays_withdrawals_and_policy():
     card = load_card(ROOT / "data_cards" / "synthetic.yaml")
     params = load_params(ROOT / "params.yaml")
@@ -108,6 +113,7 @@ def test_consent_check_of_training_records_follows_todays_withdrawals_and_policy
     assert [c.status for c in lost] == ["fail", "pass", "pass"]
 
 
+@pytest.mark.fast
 def test_withdrawals_match_any_of_the_three_ids():
     records = pd.DataFrame({"record_id": ["r1", "r2", "r3"], "sha256": ["s1", "s2", "s3"],
                             "source_sha256": ["f1", "f2", "f3"]})
@@ -124,6 +130,7 @@ class _Elements(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
+@pytest.mark.fast
 def test_card_text_stays_text_in_the_rendered_report(tmp_path: Path):
     markdown = f"# Report\n\n- {text(ATTACK)}\n\n| a | b |\n|---|---|\n| {text(ATTACK)} | x |\n"
     page = report_html(markdown, tmp_path, text(ATTACK), 500)
@@ -446,6 +453,7 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
                                      "<!-- /results:balanced --> to replace")
 
 
+@pytest.mark.fast
 def test_croissant_is_1_1_with_provenance_and_usage_conditions_and_loads_in_mlcroissant(tmp_path: Path):
     import mlcroissant as mlc
 

@@ -69,6 +69,7 @@ def test_ingest_of_the_issues_digits_card_stops_at_the_card_check_naming_the_fie
 
 @pytest.mark.parametrize("source", ["/etc/hostname", "http://example.com/a.png", "figures/../../../etc/hostname",
                                     "file:///etc/hostname", "figures/unlisted.png", "data:image/png;base64,AAAA"])
+@pytest.mark.fast
 def test_the_renderer_embeds_only_the_stages_own_figures_and_never_fails(tmp_path: Path, source: str):
     (tmp_path / "figures").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "figures" / "eval-own.png")

@@ -24,11 +24,13 @@ FAR = (date.today() + timedelta(days=365)).isoformat()
 
 # ---------------------------------------------------------------- pure parts
 
+@pytest.mark.fast
 def test_pae_is_the_dsse_specs_encoding():
     assert pae("http://example.com/HelloWorld", b"hello world") == \
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
 
 
+@pytest.mark.fast
 def test_the_reviewed_digest_ignores_only_the_signoff_block(tmp_path: Path):
     page = tmp_path / "report.md"
     page.write_text(f"# r\n{BLOCK_START}\nawaiting\n{BLOCK_END}\nchecks\n")
@@ -40,6 +42,7 @@ def test_the_reviewed_digest_ignores_only_the_signoff_block(tmp_path: Path):
     assert without_block(b"no block") == b"no block"
 
 
+@pytest.mark.fast
 def test_a_waiver_is_void_once_expired_or_when_the_evidence_is_worse():
     from pipeline.contracts import Check, Release
     from pipeline.review.signoff import waiver, waiver_problem
@@ -64,6 +67,7 @@ def test_a_waiver_is_void_once_expired_or_when_the_evidence_is_worse():
         waiver("bias.gap", "x", "2026-12-03", release_of("fail", (0.2, 0.3)).checks, today)
 
 
+@pytest.mark.fast
 def test_a_waiver_names_a_check_whose_id_holds_an_equals_sign():
     from pipeline.contracts import Check
     from pipeline.review.signoff import parse_waiver

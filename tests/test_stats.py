@@ -19,6 +19,8 @@ from pipeline.audit.stats import (
 )
 from pipeline.params import ReportSettings
 
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
+
 SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=1000, max_n_boot=32000)
 EQUIVALENCE = Criterion(0.10, "higher")
 ACCURACY = Criterion(0.05, "lower")

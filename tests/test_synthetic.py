@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 import yaml
 
 from pipeline.cards import DataCard
 from pipeline.params import IngestSettings, SyntheticSettings
 from pipeline.sources import synthetic
 from tests.conftest import ROOT, small_params
+
+pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
 
 CARD = DataCard.model_validate(yaml.safe_load((ROOT / "data_cards" / "synthetic.yaml").read_text()))
 

@@ -57,6 +57,7 @@ def git(root: Path, *args: str) -> None:
                     *args], cwd=root, check=True, capture_output=True)
 
 
+@pytest.mark.fast
 def test_git_lineage_ignores_the_pipelines_bookkeeping_and_names_what_else_changed(tmp_path: Path, monkeypatch):
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "train.py").write_text("lr = 1\n")
@@ -81,11 +82,13 @@ def test_git_lineage_ignores_the_pipelines_bookkeeping_and_names_what_else_chang
     assert state["git.dirty"] == "true" and state["git.changed_paths"] == "pipeline/train.py"
 
 
+@pytest.mark.fast
 def test_git_lineage_outside_a_checkout_is_unknown(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert git_state() == {"git.commit": "unknown", "git.dirty": "unknown"}
 
 
+@pytest.mark.fast
 def test_changed_paths_are_cut_with_a_count_of_the_rest():
     paths = [f"pipeline/module_{i:03d}.py" for i in range(200)]
     tag = changed_paths_tag(paths)

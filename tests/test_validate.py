@@ -194,6 +194,7 @@ def test_validate_cli_prints_one_line_per_critical_failure_and_exits_1(ingested:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.fast
 def test_validate_without_ingested_data_is_one_line_error(tmp_path: Path):
     import shutil
 
