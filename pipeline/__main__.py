@@ -51,7 +51,8 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.validate import failure_lines, validate
+    from pipeline.validate import validate
+    from pipeline.validation.summary import failure_lines
 
     summary = validate(params_path=args.params, cards_dir=args.cards)
     for line in failure_lines(summary, "warning"):

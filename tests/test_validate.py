@@ -14,7 +14,8 @@ from pipeline.artifacts import Layout
 from pipeline.cards import card_path, load_card
 from pipeline.contracts import ExpectationOutcome, ValidationSummary
 from pipeline.params import load_params
-from pipeline.validate import failure_lines, tables_and_checks, write_report
+from pipeline.validate import tables_and_checks, write_report
+from pipeline.validation.summary import failure_lines
 from tests.conftest import ROOT, Workspace, run_cli, small_params
 
 

@@ -47,7 +47,7 @@ from pipeline.report.markdown import report_markdown
 from pipeline.report.model_card import model_card
 from pipeline.review.store import context, review_of, rewrite_report
 from pipeline.tracking import commits_between
-from pipeline.validate import failure_lines
+from pipeline.validation.summary import failure_lines
 
 log = logging.getLogger(__name__)
 
