@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import PipelineError
+from pipeline.artifacts import Layout
 from pipeline.audit import overall_status
 from pipeline.audit.bias import REST, audit, check_references, compare_groups, unpassable
 from pipeline.cards import DataCard, load_card
@@ -204,8 +205,8 @@ def test_intersections_of_two_attributes_are_audited_with_the_confidence_adjuste
 
 def test_audit_bias_stage_end_to_end(audited: Workspace):
     evaluated = audited
-    report = BiasResult.model_validate_json((evaluated.root / "reports" / "bias" / "bias.json").read_text())
-    samples = pd.read_parquet(evaluated.root / "data" / "eval" / "samples.parquet")
+    report = BiasResult.model_validate_json(Layout(evaluated.root).bias_file.read_text())
+    samples = pd.read_parquet(Layout(evaluated.root).samples_file)
     unseen = samples[samples["split"].isin(["val", "test"])]
     assert report.evaluated == len(unseen)
     assert report.groupings["group"].counts == unseen["group"].value_counts().to_dict()
@@ -213,5 +214,5 @@ def test_audit_bias_stage_end_to_end(audited: Workspace):
                                                        "representation"}
     assert status(report, "bias.representation.group") == "fail", "the default data under-represents group_b"
     assert {c.area for c in report.checks} == {"bias"}
-    assert (evaluated.root / "reports" / "bias" / "group.png").is_file()
-    assert "# Bias audit: synthetic" in (evaluated.root / "reports" / "bias" / "bias.md").read_text()
+    assert (Layout(evaluated.root).bias / "group.png").is_file()
+    assert "# Bias audit: synthetic" in (Layout(evaluated.root).bias / "bias.md").read_text()

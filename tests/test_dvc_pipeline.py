@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.artifacts import Layout
 from tests.conftest import ROOT, small_params
 
 
@@ -84,15 +85,15 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     assert first.returncode == 0, first.stdout + first.stderr
     assert ran(first) == ALL
     for dataset in ("synthetic", "sklearn_digits"):
-        assert (repo / "data" / "ingested" / dataset / "manifest.parquet").is_file()
-        assert (repo / "data" / "prepared" / dataset / "train.npy").is_file()
-    assert (repo / "reports" / "validation" / "index.html").is_file()
-    assert (repo / "models" / "mae" / "model.pt").is_file() and (repo / "mlflow.db").is_file()
+        assert (Layout(repo).ingested() / dataset / "manifest.parquet").is_file()
+        assert (Layout(repo).prepared() / dataset / "train.npy").is_file()
+    assert (Layout(repo).validation / "index.html").is_file()
+    assert Layout(repo).weights_file.is_file() and (repo / "mlflow.db").is_file()
     metrics = dvc(repo, "metrics", "show", "--json")
     assert "val_masked_loss" in metrics.stdout and "val_patch_mean_baseline" in metrics.stdout
     assert "margin_over_raw_pixels" in metrics.stdout and "mse_random_init" in metrics.stdout
-    assert (repo / "reports" / "bias" / "bias.json").is_file() and (repo / "reports" / "shift" / "shift.json").is_file()
-    assert (repo / "reports" / "governance" / "report.html").is_file()
+    assert Layout(repo).bias_file.is_file() and Layout(repo).shift_file.is_file()
+    assert (Layout(repo).governance / "report.html").is_file()
 
     nothing = dvc(repo, "repro")
     assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
@@ -118,7 +119,7 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     # a withdrawal: consent-check names the registered version trained on the record; the next repro
     # quarantines it, so the training split changes and the model is retrained (DVC's status says so
     # without spending the retraining here)
-    trained_on = pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"].iloc[0]
+    trained_on = pd.read_parquet(Layout(repo).split_records("synthetic", "train"))["record_id"].iloc[0]
     with (repo / "data_cards" / "withdrawals.csv").open("a") as handle:
         handle.write(f"{trained_on},2026-11-26,\n")
     check = subprocess.run([sys.executable, "-m", "pipeline", "consent-check"], cwd=repo, capture_output=True,
@@ -127,9 +128,9 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     assert check.returncode == 1, check.stdout + check.stderr
     assert "mae-encoder version 1 (run" in check.stdout and trained_on in check.stdout, check.stdout
     assert ran(dvc(repo, "repro", "prepare")) == {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare"}
-    quarantine = pd.read_parquet(repo / "data" / "ingested" / "synthetic" / "quarantine.parquet")
+    quarantine = pd.read_parquet(Layout(repo).ingested("synthetic") / "quarantine.parquet")
     assert set(quarantine.loc[quarantine["record_id"] == trained_on, "reason"]) == {"withdrawal_request"}
-    trained = pd.read_parquet(repo / "data" / "prepared" / "synthetic" / "train.parquet")["record_id"]
+    trained = pd.read_parquet(Layout(repo).split_records("synthetic", "train"))["record_id"]
     assert trained_on not in set(trained)
     status = json.loads(dvc(repo, "status", "--json").stdout)
     assert "pretrain" in status and "report" in status, status
@@ -146,8 +147,8 @@ def test_critical_validation_failure_stops_repro_before_prepare(repo: Path):
     assert "validate" in ran(result) and not {"prepare", "pretrain"} & ran(result)
     assert "critical: synthetic: content.label_in_classes: expect_column_values_to_be_in_set(label)" in output
     assert "Traceback" not in output
-    assert not (repo / "data" / "prepared").exists()
-    summary = (repo / "reports" / "validation" / "summary.json").read_text()
+    assert not Layout(repo).prepared().exists()
+    summary = Layout(repo).validation_file.read_text()
     assert '"passed": false' in summary, "the reviewer still gets the report of what failed"
 
 
@@ -160,4 +161,4 @@ def test_broken_card_stops_repro_with_the_one_line_error(repo: Path):
     assert result.returncode != 0
     assert "data_cards/synthetic.yaml: consent.training_permission" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert not (repo / "data" / "ingested" / "synthetic").exists()
+    assert not Layout(repo).ingested("synthetic").exists()

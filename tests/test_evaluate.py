@@ -157,8 +157,8 @@ def test_normalisation_round_trips_stored_pixels():
 
 def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_record(evaluated: Workspace):
     root = evaluated.root
-    samples = pd.read_parquet(root / "data" / "eval" / "samples.parquet")
-    prepared = pd.concat([pd.read_parquet(root / "data" / "prepared" / "synthetic" / f"{split}.parquet")
+    samples = pd.read_parquet(Layout(root).samples_file)
+    prepared = pd.concat([pd.read_parquet(Layout(root).prepared("synthetic") / f"{split}.parquet")
                           .assign(split=split) for split in ("train", "val", "test", "heldout")])
     assert len(samples) == len(prepared) and samples["record_id"].is_unique
     assert set(samples["record_id"]) == set(prepared["record_id"]), "every evaluated record has exactly one row"
@@ -170,7 +170,7 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert unseen["probe_pred"].notna().all() and unseen["knn_pred"].notna().all()
     assert samples.loc[samples["split"] == "train", "probe_pred"].isna().all()
     assert (unseen["probe_correct"] == (unseen["probe_pred"] == unseen["label"])).all()
-    metrics = json.loads((root / "metrics" / "eval.json").read_text())
+    metrics = json.loads(Layout(root).eval_metrics_file.read_text())
     for method in ("probe", "knn"):  # the baselines' per-image correctness, which the model checks pair
         assert samples.loc[samples["split"] == "train", correct_columns(method)].isna().all().all()
         for split, part in unseen.groupby("split"):
@@ -182,10 +182,10 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
             assert raw.mean() == pytest.approx(metrics[method][split]["raw_pixels"], abs=1e-6)
     assert np.allclose(samples["psnr"], 10 * np.log10(1 / samples["recon_mse"]))
 
-    embeddings = {kind: np.load(root / "data" / "eval" / "embeddings" / f"{kind}.npy")
+    embeddings = {kind: np.load(Layout(root).embeddings_folder / f"{kind}.npy")
                   for kind in ("mae", "random_init")}
     assert (samples["embedding_row"] == np.arange(len(samples))).all()
-    architecture = json.loads((root / "models" / "mae" / "config.json").read_text())["model"]
+    architecture = json.loads(Layout(root).config_file.read_text())["model"]
     width = architecture["embed_dim"] * architecture["depth"]  # pool "blocks": every block's mean patch token
     assert embeddings["mae"].shape == embeddings["random_init"].shape == (len(samples), width)
     assert not np.allclose(embeddings["mae"], embeddings["random_init"]), "the random encoder is really computed"
@@ -199,12 +199,12 @@ def test_evaluate_scores_the_model_against_real_baselines_with_one_row_per_recor
     assert metrics["reconstruction"]["test"]["count"] == int((samples["split"] == "test").sum())
     assert "memorization" not in metrics, "measured once, by the report (pipeline.audit.memorization)"
 
-    figures = {path.name for path in (root / "reports" / "eval").glob("*.png")}
+    figures = {path.name for path in Layout(root).eval_figures.glob("*.png")}
     assert figures == {"group-group_a.png", "group-group_b.png", "domain-site_north.png", "domain-site_south.png",
                        "domain-site_east.png"}
 
     client = mlflow.MlflowClient(evaluated.env["MLFLOW_TRACKING_URI"])
-    run = client.get_run(json.loads((root / "models" / "mae" / "run.json").read_text())["run_id"])
+    run = client.get_run(json.loads(Layout(root).run_file.read_text())["run_id"])
     assert run.data.metrics["eval.probe.test.mae"] == pytest.approx(metrics["probe"]["test"]["mae"])
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/eval.json", "eval/figures"}
 
@@ -233,21 +233,21 @@ def test_one_channel_dataset_without_labels_skips_probe_and_knn_and_says_why(tmp
 def test_the_logged_encoder_returns_the_feature_the_audits_judged(evaluated: Workspace):
     """One pooling everywhere: the encoder in MLflow, config.json and the embeddings evaluate judged agree."""
     root = evaluated.root
-    config = json.loads((root / "models" / "mae" / "config.json").read_text())
+    config = json.loads(Layout(root).config_file.read_text())
     params = yaml.safe_load((root / "params.yaml").read_text())
     assert config["pool"] == params["evaluate"]["pool"] == "blocks"
-    assert json.loads((root / "metrics" / "eval.json").read_text())["pool"] == config["pool"]
+    assert json.loads(Layout(root).eval_metrics_file.read_text())["pool"] == config["pool"]
 
     mlflow.set_tracking_uri(evaluated.env["MLFLOW_TRACKING_URI"])
-    encoder = mlflow.pytorch.load_model(json.loads((root / "models" / "mae" / "run.json").read_text())["model_uri"])
-    val = pd.read_parquet(root / "data" / "prepared" / "synthetic" / "val.parquet")
-    pixels = np.load(root / "data" / "prepared" / "synthetic" / "val.npy")[:4]
+    encoder = mlflow.pytorch.load_model(json.loads(Layout(root).run_file.read_text())["model_uri"])
+    val = pd.read_parquet(Layout(root).split_records("synthetic", "val"))
+    pixels = np.load(Layout(root).split_pixels("synthetic", "val"))[:4]
     images = load_trained(Layout(root)).normalisation.normalise(pixels)
     with torch.no_grad():
         logged = encoder(images).numpy()
-    samples = pd.read_parquet(root / "data" / "eval" / "samples.parquet").set_index("record_id")
+    samples = pd.read_parquet(Layout(root).samples_file).set_index("record_id")
     rows = samples.loc[val["record_id"][:4], "embedding_row"].to_numpy()
-    assert np.allclose(logged, np.load(root / "data" / "eval" / "embeddings" / "mae.npy")[rows], atol=1e-5)
+    assert np.allclose(logged, np.load(Layout(root).embeddings_file("mae"))[rows], atol=1e-5)
 
 
 def test_pretraining_learns_features_the_probe_reads_better_than_raw_pixels_and_a_random_encoder(tmp_path):

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.artifacts import Layout
 from pipeline.sources.records import ImageProblem, decode
 from tests.conftest import ROOT, Workspace, small_params
 
@@ -152,7 +153,7 @@ def test_metadata_that_is_not_utf8_is_one_line_error_naming_its_line(folder_spac
     assert result.returncode == 2
     assert result.stderr.strip().endswith("metadata.csv: line 4: not UTF-8 (byte 0xff)"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not any((folder_space.root / "data" / "ingested").iterdir()), "no outputs and no .partial folder"
+    assert not any(Layout(folder_space.root).ingested().iterdir()), "no outputs and no .partial folder"
 
 
 def test_spreadsheet_csv_with_a_bom_is_read_and_rows_of_the_wrong_width_are_quarantined(folder_space: Workspace):

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.artifacts import Layout
 from pipeline.sources.records import pixels_sha256
 from tests.conftest import ROOT, Workspace, small_params
 
@@ -173,7 +174,7 @@ def test_broken_card_gives_one_line_and_keeps_earlier_outputs(workspace: Workspa
     line = result.stderr.strip()
     assert "\n" not in line and "data_cards/synthetic.yaml: license.spdx" in line
     assert (workspace.ingested("synthetic") / "manifest.parquet").read_bytes() == before
-    assert not list((workspace.root / "data" / "ingested").glob(".*partial"))
+    assert not list(Layout(workspace.root).ingested().glob(".*partial"))
 
 
 def test_unknown_dataset_and_missing_withdrawals_file(workspace: Workspace):
@@ -189,7 +190,7 @@ def test_an_interrupted_ingest_leaves_no_partial_folder(workspace: Workspace, si
     params = small_params(3000)
     params["ingest"]["workers"] = 2  # a process pool, whose workers must end with the stage
     workspace.write_params(params)
-    partial = workspace.root / "data" / "ingested" / ".synthetic.partial"
+    partial = Layout(workspace.root).ingested() / ".synthetic.partial"
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "synthetic"], cwd=workspace.root,
                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
     try:

@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import PipelineError
+from pipeline.artifacts import Layout
 from pipeline.data import Batches, Draws, Mixture, SplitPixels, largest_remainder, loader
 from pipeline.params import AugmentSettings, load_params
 from pipeline.pretrain import check_listed
@@ -142,12 +143,12 @@ def two_datasets(tmp_path_factory) -> Workspace:
 
 
 def train_split(space: Workspace, name: str) -> pd.DataFrame:
-    return pd.read_parquet(space.root / "data" / "prepared" / name / "train.parquet")
+    return pd.read_parquet(Layout(space.root).prepared() / name / "train.parquet")
 
 
 def test_a_two_dataset_model_logs_both_inputs_and_lists_both_in_its_training_records(two_datasets: Workspace):
     root = two_datasets.root
-    config = json.loads((root / "models" / "mae" / "config.json").read_text())
+    config = json.loads(Layout(root).config_file.read_text())
     sizes = {name: len(train_split(two_datasets, name)) for name in ("synthetic", "synthetic_b")}
     assert config["dataset"] == "synthetic"
     assert [(d["name"], d["weight"], d["train_images"]) for d in config["datasets"]] == \
@@ -155,19 +156,19 @@ def test_a_two_dataset_model_logs_both_inputs_and_lists_both_in_its_training_rec
     assert [d["samples_per_epoch"] for d in config["datasets"]] == list(largest_remainder(sum(sizes.values()), [1, 3]))
 
     client = MlflowClient(two_datasets.env["MLFLOW_TRACKING_URI"])
-    run = client.get_run(json.loads((root / "models" / "mae" / "run.json").read_text())["run_id"])
+    run = client.get_run(json.loads(Layout(root).run_file.read_text())["run_id"])
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"synthetic-train", "synthetic-train-manifest", "synthetic_b-train",
                            "synthetic_b-train-manifest"}
     for d in config["datasets"]:
-        provenance = json.loads((root / "data" / "ingested" / d["name"] / "provenance.json").read_text())
+        provenance = json.loads((Layout(root).ingested() / d["name"] / "provenance.json").read_text())
         tags = {t.key: t.value for t in inputs[f"{d['name']}-train"].tags}
         assert tags["card_sha256"] == provenance["card"]["sha256"] == run.data.tags[f"data.{d['name']}.card_sha256"]
         assert tags["data_md5"] == d["train_md5"] and inputs[f"{d['name']}-train"].dataset.digest == d["train_md5"][:8]
         assert tags["mlflow.data.context"] == "training" and tags["weight"] == f"{d['weight']:g}"
         assert run.data.tags[f"dvc.md5.data/prepared/{d['name']}/train.parquet"]
 
-    governance = root / "reports" / "governance"
+    governance = Layout(root).governance
     records = pd.read_csv(governance / "training_records.csv", dtype=str)
     assert list(records.columns) == ["record_id", "sha256", "source_sha256", "dataset"]
     assert records["dataset"].value_counts().to_dict() == sizes
@@ -193,6 +194,6 @@ def test_consent_check_finds_a_withdrawal_in_the_second_dataset(two_datasets: Wo
         f"id,requested_at,note\n{withdrawn['sha256']},2026-11-26,subject asked\n")
     result = steward.run("consent-check")
     assert result.returncode == 1, result.stderr
-    run_id = json.loads((two_datasets.root / "models" / "mae" / "run.json").read_text())["run_id"]
+    run_id = json.loads(Layout(two_datasets.root).run_file.read_text())["run_id"]
     assert result.stdout.splitlines() == [f"mae-encoder version 1 (run {run_id}): trained on 1 withdrawn records: "
                                           f"synthetic_b/{withdrawn['record_id']}"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.artifacts import Layout
 from tests.conftest import ROOT, Workspace, free_port
 
 # 2 epochs, and gradient accumulation on both sides so DDP's no_sync path is exercised
@@ -36,7 +37,7 @@ def node(evaluated: Workspace, root: Path, batch_size: int) -> Workspace:
 
 
 def weights(space: Workspace) -> dict[str, torch.Tensor]:
-    return torch.load(space.root / "models" / "mae" / "model.pt", weights_only=True)
+    return torch.load(Layout(space.root).weights_file, weights_only=True)
 
 
 def test_two_nodes_train_what_one_process_trains_and_resume_from_rank_0s_checkpoint_after_a_sigkill(
@@ -58,7 +59,7 @@ def test_two_nodes_train_what_one_process_trains_and_resume_from_rank_0s_checkpo
     # the node that got rank 0 wrote the outputs and the MLflow run; the other wrote nothing
     (main,) = [space for space in nodes if (space.root / "models").exists()]
     assert not any((space.root / "metrics").exists() for space in nodes if space is not main)
-    run = json.loads((main.root / "models" / "mae" / "run.json").read_text())
+    run = json.loads(Layout(main.root).run_file.read_text())
     assert run["run_id"]
     a, b = weights(single), weights(main)
     assert a.keys() == b.keys()

@@ -13,6 +13,7 @@ import yaml
 from scipy.ndimage import gaussian_filter
 
 from pipeline import PipelineError
+from pipeline.artifacts import Layout
 from pipeline.cards import DataCard
 from pipeline.contracts import ValidationSummary
 from pipeline.near_duplicates import correlations, group_keys, hash_values, near_pairs, pairs, thumbnails
@@ -203,7 +204,7 @@ def test_ingest_hashes_validate_warns_with_the_pairs_and_prepare_keeps_copies_wi
     assert {p["original"] for p in copies.values()} <= set(manifest.index)
     found = set(copies)  # every one of them
 
-    report = workspace.root / "reports" / "validation"
+    report = Layout(workspace.root).validation
     summary = ValidationSummary.model_validate_json((report / "summary.json").read_text())
     assert summary.passed, "near-duplicates are a warning"
     [check] = [c for c in summary.datasets["synthetic"].checks if c.check == "identity.no_near_duplicates"]
@@ -215,7 +216,7 @@ def test_ingest_hashes_validate_warns_with_the_pairs_and_prepare_keeps_copies_wi
     assert all((c, copies[c]["original"]) in listed for c in found)
     assert "near_duplicates.csv" in (report / "index.html").read_text()
 
-    prepared = workspace.root / "data" / "prepared" / "synthetic"
+    prepared = Layout(workspace.root).prepared("synthetic")
     splits = pd.concat(pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "val", "test", "heldout"))
     splits = splits.set_index("record_id")
     assert all(splits.split[c] == splits.split[copies[c]["original"]] for c in found)

@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from psycopg import sql
 
+from pipeline.artifacts import Layout
 from tests.conftest import ROOT, Workspace, free_port, serve_mlflow, small_params
 
 DATABASE = "mlflow"
@@ -133,7 +134,7 @@ def tracked(workspace_on_postgres: Workspace) -> Workspace:
 def test_runs_datasets_logged_model_and_registry_live_in_postgresql_and_the_artifact_root(tracked: Workspace,
                                                                                           server: dict):
     client = MlflowClient(server["uri"])
-    run_file = json.loads((tracked.root / "models" / "mae" / "run.json").read_text())
+    run_file = json.loads(Layout(tracked.root).run_file.read_text())
     assert run_file["tracking_uri"] == server["uri"]
     run = client.get_run(run_file["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["audit.bias"] and run.data.tags["audit.shift"]
@@ -142,7 +143,7 @@ def test_runs_datasets_logged_model_and_registry_live_in_postgresql_and_the_arti
     (model,) = client.search_logged_models([run.info.experiment_id])
     assert model.source_run_id == run.info.run_id and run_file["model_uri"] == f"models:/{model.model_id}"
 
-    release = json.loads((tracked.root / "reports" / "governance" / "release.json").read_text())
+    release = json.loads(Layout(tracked.root).release_file.read_text())
     version = client.get_model_version_by_alias("mae-encoder", "candidate")
     assert version.run_id == run.info.run_id and version.version == release["model"]["version"]
     assert version.tags["release.decision"] == release["decision"]
@@ -164,7 +165,7 @@ def test_the_approved_alias_moves_and_is_withdrawn_on_the_server(tracked: Worksp
     client = MlflowClient(server["uri"])
     try:
         assert tracked.run("report", "--params", str(lenient)).returncode == 0
-        release = json.loads((tracked.root / "reports" / "governance" / "release.json").read_text())
+        release = json.loads(Layout(tracked.root).release_file.read_text())
         assert release["decision"] == "eligible"
         assert client.get_model_version_by_alias("mae-encoder", "approved").version == release["model"]["version"]
         assert tracked.run("release", "--params", str(lenient)).returncode == 0
@@ -176,7 +177,7 @@ def test_the_approved_alias_moves_and_is_withdrawn_on_the_server(tracked: Worksp
 def test_consent_check_reads_the_training_records_through_the_server_and_tags_the_version(tracked: Workspace,
                                                                                          server: dict):
     assert tracked.run("consent-check").returncode == 0
-    records = (tracked.root / "reports" / "governance" / "training_records.csv").read_text().splitlines()
+    records = (Layout(tracked.root).governance / "training_records.csv").read_text().splitlines()
     trained_on = records[1].split(",")[0]
     withdrawals = tracked.root / "data_cards" / "withdrawals.csv"
     original = withdrawals.read_text()

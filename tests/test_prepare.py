@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.artifacts import Layout
 from pipeline.cards import DataCard
 from pipeline.params import PrepareSettings
 from pipeline.prepare import GROUP, assign_splits, leaks, stratum_shares
@@ -125,7 +126,7 @@ def validated(workspace: Workspace) -> Workspace:
 def test_prepare_writes_aligned_pixels_deterministically_and_a_withdrawal_moves_no_other_record(validated: Workspace):
     result = validated.run("prepare")
     assert result.returncode == 0, result.stderr
-    out = validated.root / "data" / "prepared"
+    out = Layout(validated.root).prepared()
     sizes = json.loads((out / "split_sizes.json").read_text())
     manifest = pd.read_parquet(validated.ingested("synthetic") / "manifest.parquet")
     parts = {split: pd.read_parquet(out / "synthetic" / f"{split}.parquet") for split in sizes["synthetic"]}
@@ -158,13 +159,13 @@ def test_prepare_writes_aligned_pixels_deterministically_and_a_withdrawal_moves_
 
 def test_prepare_refuses_unvalidated_data(workspace: Workspace):
     validated = workspace
-    summary_file = validated.root / "reports" / "validation" / "summary.json"
+    summary_file = Layout(validated.root).validation_file
     summary_file.parent.mkdir(parents=True)
     summary_file.write_text(json.dumps({"passed": False, "failed_critical": 3, "failed_warning": 0, "datasets": {}}))
     result = validated.run("prepare")
     assert result.returncode == 2
     assert "summary.json: validation failed (3 critical)" in result.stderr
-    assert not (validated.root / "data" / "prepared").exists()
+    assert not Layout(validated.root).prepared().exists()
     shutil.rmtree(validated.root / "reports")
     result = validated.run("prepare")
     assert result.returncode == 2 and "summary.json: not found; run `dvc repro validate`" in result.stderr

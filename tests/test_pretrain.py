@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import PipelineError
+from pipeline.artifacts import Layout
 from pipeline.data import Draws, SplitPixels
 from pipeline.mae import build
 from pipeline.normalisation import Normalisation
@@ -131,7 +132,7 @@ def training_space(prepared: Path, tmp_path: Path, **changes) -> Workspace:
 
 
 def weights(space: Workspace) -> dict[str, torch.Tensor]:
-    return torch.load(space.root / "models" / "mae" / "model.pt")
+    return torch.load(Layout(space.root).weights_file)
 
 
 def metric_history(uri: str, key: str) -> list:
@@ -153,7 +154,7 @@ def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupte
 
     interrupted = training_space(prepared, tmp_path / "interrupted", workers=2, **MID_EPOCH)
     uri = mlflow_env(interrupted.root)["MLFLOW_TRACKING_URI"]
-    checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
+    checkpoint = Layout(interrupted.root).checkpoint
     env = {**os.environ, "PYTHONPATH": str(ROOT), **mlflow_env(interrupted.root)}
     child = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain"], cwd=interrupted.root, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -178,7 +179,7 @@ def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupte
         time.sleep(0.01)
     assert killed, "training ended before it could be interrupted"
     child.wait()
-    assert not (interrupted.root / "models" / "mae" / "model.pt").exists()
+    assert not Layout(interrupted.root).weights_file.exists()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["position"] > 0 and saved["epoch_losses"], "the run resumes in the middle of an epoch"
     assert max(m.step for m in metric_history(uri, "train_loss")) > saved["step"]
@@ -189,8 +190,8 @@ def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupte
     a, b = weights(straight), weights(interrupted)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    metrics = json.loads((straight.root / "metrics" / "pretrain.json").read_text())
-    assert metrics == json.loads((interrupted.root / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads(Layout(straight.root).pretrain_metrics_file.read_text())
+    assert metrics == json.loads(Layout(interrupted.root).pretrain_metrics_file.read_text())
     # one MLflow run per model, even across the kill, holding each step once with the uninterrupted run's values
     assert client.get_run(run_id).info.status == "FINISHED"
     for key, steps in (("train_loss", metrics["steps"]), ("lr", metrics["steps"]),
@@ -254,11 +255,11 @@ def test_two_process_ddp_matches_one_process_and_resumes_mid_epoch_after_a_sigki
     assert straight.returncode == 0, errors[-3000:]
     a, b = weights(single), weights(ddp)
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a), "DDP diverged from the single-process run"
-    assert json.loads((ddp.root / "models" / "mae" / "run.json").read_text())["run_id"]
+    assert json.loads(Layout(ddp.root).run_file.read_text())["run_id"]
 
     # the whole torchrun group killed once a mid-epoch checkpoint exists, then started again
     interrupted = training_space(prepared, tmp_path / "interrupted", **ddp_settings)
-    checkpoint = interrupted.root / "models" / "checkpoints" / "pretrain.pt"
+    checkpoint = Layout(interrupted.root).checkpoint
     child = torchrun(interrupted, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and child.poll() is None:
@@ -293,7 +294,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     space = training_space(prepared, tmp_path)
     result = space.run("pretrain", env=mlflow_env(space.root))
     assert result.returncode == 0, result.stderr
-    run_file = json.loads((space.root / "models" / "mae" / "run.json").read_text())
+    run_file = json.loads(Layout(space.root).run_file.read_text())
     client = MlflowClient(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_file["run_id"])
     assert run.data.params["mask_ratio"] == "0.5" and run.data.params["preset"] == "micro"
@@ -320,7 +321,7 @@ def test_mlflow_run_holds_params_lineage_datasets_figures_and_model(prepared: Pa
     mlflow.set_tracking_uri(mlflow_env(space.root)["MLFLOW_TRACKING_URI"])
     encoder = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 4 * 96)  # pool "blocks": each of the 4 blocks
-    metrics = json.loads((space.root / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads(Layout(space.root).pretrain_metrics_file.read_text())
     assert set(metrics) >= {"val_masked_loss", "val_patch_mean_baseline", "improvement_over_baseline"}
     assert run.data.metrics["final_val_masked_loss"] == pytest.approx(metrics["val_masked_loss"])
     assert "View run" not in result.stdout + result.stderr

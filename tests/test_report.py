@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.artifacts import Layout
 from pipeline.audit.memorization import memorization
 from pipeline.cards import load_card
 from pipeline.contracts import Check, Counts, Release, RunRecord
@@ -152,7 +153,7 @@ def reported(audited: Workspace) -> Workspace:
 
 
 def governance(space: Workspace) -> Path:
-    return space.root / "reports" / "governance"
+    return Layout(space.root).governance
 
 
 def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported: Workspace):
@@ -176,8 +177,8 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     assert all(set(c) == set(Check.model_fields) for c in release["checks"]), "every field of every check"
     assert all(isinstance(c["blocking"], bool) for c in release["checks"])
     Release.model_validate_json((governance(reported) / "release.json").read_text())
-    bias = json.loads((reported.root / "reports" / "bias" / "bias.json").read_text())
-    shift = json.loads((reported.root / "reports" / "shift" / "shift.json").read_text())
+    bias = json.loads(Layout(reported.root).bias_file.read_text())
+    shift = json.loads(Layout(reported.root).shift_file.read_text())
     kept = {c["id"]: c for c in release["checks"]}
     for audited in bias["checks"] + shift["checks"]:
         assert {k: v for k, v in kept[audited["id"]].items() if k != "blocking"} == \
@@ -186,7 +187,7 @@ def test_report_registers_the_encoder_with_its_report_tags_and_aliases(reported:
     assert corruption["interval"] and corruption["test"] == "non-inferiority" and corruption["n_boot"]
 
     client = MlflowClient(reported.env["MLFLOW_TRACKING_URI"])
-    run_id = json.loads((reported.root / "models" / "mae" / "run.json").read_text())["run_id"]
+    run_id = json.loads(Layout(reported.root).run_file.read_text())["run_id"]
     version = client.get_model_version("mae-encoder", release["model"]["version"])
     assert version.run_id == run_id
     assert version.tags["release.decision"] == "blocked" and version.tags["release.area.bias"] == "fail"
@@ -295,7 +296,7 @@ def test_croissant_export_is_valid_and_carries_the_responsible_ai_fields(reporte
     for field in ("rai:dataCollection", "rai:dataBiases", "rai:dataLimitations", "rai:dataUseCases",
                   "rai:personalSensitiveInformation", "rai:dataCollectionTimeFrame"):
         assert document.get(field), field
-    manifest = pd.read_parquet(reported.root / "data" / "ingested" / "synthetic" / "manifest.parquet")
+    manifest = pd.read_parquet(Layout(reported.root).ingested("synthetic") / "manifest.parquet")
     records = list(dataset.records("records"))
     assert len(records) == len(manifest)
 
@@ -309,7 +310,7 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
 
     uri = reported.env["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
-    first = json.loads((reported.root / "models" / "mae" / "run.json").read_text())
+    first = json.loads(Layout(reported.root).run_file.read_text())
     first_version = client.search_model_versions(f"name='mae-encoder' and run_id='{first['run_id']}'")[0].version
     records = pd.read_csv(governance(reported) / "training_records.csv", dtype=str)
     only_first = records.iloc[0]
@@ -431,7 +432,7 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
     corruption = next(c for c in release["checks"] if c["id"] == "shift.corruptions")
     assert (f"probe accuracy under corruption minus clean accuracy {fmt(corruption['value'], 3)}" in report_md
             and f"95% interval {fmt(corruption['interval'], 3)}" in report_md), "the corruption result and its interval"
-    evaluation = json.loads((reported.root / "metrics" / "eval.json").read_text())
+    evaluation = json.loads(Layout(reported.root).eval_metrics_file.read_text())
     for split, entry in evaluation["reconstruction"].items():
         cells = _row(results, split)
         assert cells[1:5] == [str(entry["count"]), fmt(entry["mse"]), fmt(entry["mse_random_init"]),
@@ -439,7 +440,7 @@ def test_report_and_readme_results_state_exactly_the_numbers_of_the_json_files(r
         if evaluation["probe"].get(split):
             probe = evaluation["probe"][split]
             assert cells[5] == " / ".join(fmt(probe[k], 3) for k in ("mae", "random_init", "raw_pixels"))
-    pretrain = json.loads((reported.root / "metrics" / "pretrain.json").read_text())
+    pretrain = json.loads(Layout(reported.root).pretrain_metrics_file.read_text())
     assert f"held-out masked-patch loss {fmt(pretrain['val_masked_loss'])}" in results
 
     readme = tmp_path / "README.md"

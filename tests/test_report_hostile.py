@@ -15,6 +15,7 @@ import yaml
 from markdown_it import MarkdownIt
 from PIL import Image
 
+from pipeline.artifacts import Layout
 from pipeline.report.html import report_html
 from tests.conftest import Workspace, small_params
 
@@ -109,7 +110,7 @@ def hostile(audited: Workspace, tmp_path_factory) -> Workspace:
 
 
 def governance(space: Workspace) -> Path:
-    return space.root / "reports" / "governance"
+    return Layout(space.root).governance
 
 
 def test_card_payloads_stay_inert_in_report_md_html_and_model_card(hostile: Workspace):

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.artifacts import Layout
 from pipeline.review.signoff import BLOCK_END, BLOCK_START, pae, reviewed_digest, without_block
 from tests.conftest import Workspace, free_port
 
@@ -114,7 +115,7 @@ def params_file(space: Workspace, name: str, **report) -> str:
 
 
 def governance(space: Workspace) -> Path:
-    return space.root / "reports" / "governance"
+    return Layout(space.root).governance
 
 
 def sign(space: Workspace, action: str, who: str, params: str, *extra: str):

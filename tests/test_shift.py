@@ -10,6 +10,7 @@ import torch
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
+from pipeline.artifacts import Layout
 from pipeline.audit.corruptions import (
     CORRUPTIONS,
     SEVERITIES,
@@ -316,7 +317,7 @@ def test_corruption_suite_pairs_each_images_correctness_and_without_labels_falls
 
 def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(audited: Workspace):
     evaluated = audited
-    report = ShiftResult.model_validate_json((evaluated.root / "reports" / "shift" / "shift.json").read_text())
+    report = ShiftResult.model_validate_json(Layout(evaluated.root).shift_file.read_text())
     checks = {c.id: c for c in report.checks}
     assert checks["shift.drift.site_east"].status == "fail", checks["shift.drift.site_east"]
     assert checks["shift.drift.in_distribution"].status == "pass", checks["shift.drift.in_distribution"]
@@ -340,17 +341,17 @@ def test_audit_shift_flags_the_held_out_site_and_not_the_in_distribution_split(a
     accuracy = np.mean([[point.probe_accuracy for point in curve] for curve in curves.values()])
     assert corruption.value == pytest.approx(accuracy - suite.clean.probe_accuracy, abs=1e-9)
     assert report.domains.worst_domain == "site_east"
-    shift_md = (evaluated.root / "reports" / "shift" / "shift.md").read_text()
+    shift_md = (Layout(evaluated.root).shift / "shift.md").read_text()
     assert f"interval {fmt(corruption.interval, 3)}" in shift_md, "the corruption result is stated with its interval"
     assert "corruptions.parquet" in shift_md
     for name in ("shift.md", "corruption_curves.png", "overtrust.png", "corruptions.parquet"):
-        assert (evaluated.root / "reports" / "shift" / name).is_file()
+        assert (Layout(evaluated.root).shift / name).is_file()
 
 
 def test_the_corruption_check_recomputes_from_the_per_image_parquet_beside_shift_json(audited: Workspace):
     """A reviewer's recomputation: each image's clean row paired with the mean of its 30 corrupted rows, the same
     paired bootstrap, gives shift.json's value and interval."""
-    folder = audited.root / "reports" / "shift"
+    folder = Layout(audited.root).shift
     report = ShiftResult.model_validate_json((folder / "shift.json").read_text())
     check = next(c for c in report.checks if c.id == "shift.corruptions")
     table = pd.read_parquet(folder / "corruptions.parquet")

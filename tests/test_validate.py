@@ -56,7 +56,7 @@ def outcome(summary: ValidationSummary, dataset: str, check: str) -> Expectation
 def test_clean_default_data_passes_with_data_docs(ingested: Workspace):
     result = ingested.run("validate")
     assert result.returncode == 0, result.stderr
-    report = ingested.root / "reports" / "validation"
+    report = Layout(ingested.root).validation
     summary = ValidationSummary.model_validate_json((report / "summary.json").read_text())
     assert summary.passed and summary.failed_critical == 0
     synthetic = summary.datasets["synthetic"]
@@ -72,7 +72,7 @@ def test_clean_default_data_passes_with_data_docs(ingested: Workspace):
 
 def test_chunked_validation_writes_the_summary_of_one_frame(ingested: Workspace):
     """A manifest past validation.chunk_rows is validated chunk by chunk, with today's summary.json."""
-    report = ingested.root / "reports" / "validation"
+    report = Layout(ingested.root).validation
     ingested.run_ok(("validate",))
     whole = {name: (report / name).read_bytes() for name in ("summary.json", "near_duplicates.csv")}
     params = small_params(300)
