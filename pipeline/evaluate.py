@@ -6,8 +6,8 @@ architecture and predicting each hidden patch's own mean. Representations (where
 a linear probe (standardised features, as BatchNorm without affine does, then an L2-regularised
 logistic regression) and kNN top-1 (k neighbours, cosine), each fitted on the train split's frozen
 features, for the MAE encoder and the same baselines plus raw pixels (the features and classifiers are
-`pipeline.features`, which the audits share). The per-sample errors are what the
-audits read: bias and shift, and memorization (training against unseen images), which the report measures.
+`pipeline.features`, which the audits share). The per-sample errors are what the audits read: bias and shift,
+and memorization (training against unseen images), which the report measures.
 
 Writes data/eval/samples.parquet (one row per record of every split: the audits' input) and
 embeddings/<kind>.npy (each encoder's features: row i is the table's row i), metrics/eval.json

@@ -5,13 +5,14 @@ Each dataset is checked as three tables:
 - records: the manifest plus per-image pixel statistics (schema, governance, identity, content);
 - dataset: one row holding the card's governance fields and ingest's counts (the card as data);
 - coverage: one row per declared sensitive-attribute value with its count.
-The rules come from each dataset's card and params.yaml (`validation.rules`), run through GX checkpoints
-(`validation.expectations`) and are summarised for the pipeline and a reviewer (`validation.summary`).
-Near-duplicate images (candidates from hashes decided on pixels, `validation.near_duplicates`, within and across
-datasets) are a warning naming the pairs, all of them listed in near_duplicates.csv.
-A manifest of more than `validation.chunk_rows` records is never one frame: the records suite runs chunk by chunk
-(outcomes merged), and what spans rows (uniqueness, `mostly` shares, coverage, near-duplicates, the other datasets'
-identities) is computed from only the columns it needs, so the summary is the one a single frame would give.
+The rules come from each dataset's card and params.yaml (`pipeline.validation.rules`), run through GX checkpoints
+(`pipeline.validation.expectations`) and are summarised for the pipeline and a reviewer
+(`pipeline.validation.summary`). Near-duplicate images (candidates from hashes decided on pixels, params
+`validation.near_duplicates`, within and across datasets) are a warning naming the pairs, all of them listed in
+near_duplicates.csv. A manifest of more than params `validation.chunk_rows` records is never one frame: the records
+suite runs chunk by chunk (outcomes merged), and what spans rows (uniqueness, `mostly` shares, coverage,
+near-duplicates, the other datasets' identities) is computed from only the columns it needs, so the summary is the
+one a single frame would give.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def test_a_sigkill_mid_epoch_and_a_rerun_end_with_the_weights_of_an_uninterrupte
                 if saved["step"] >= 10 and logged > saved["step"]:
                     child.send_signal(signal.SIGKILL)
                     killed = True
-            except Exception:  # stopped mid-write of the database: let it finish and look again
+            except Exception:  # no step logged yet, or stopped mid-write of the database: let it go on, look again
                 pass
             if not killed:
                 child.send_signal(signal.SIGCONT)
