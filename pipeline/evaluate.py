@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.artifacts import Layout, write_json
+from pipeline.artifacts import EVAL_FIGURES, EVAL_METRICS, Layout, Staged, allocated, write_json
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import ClassifierScores, EvalMetrics
 from pipeline.data import Batches, NpyRows, loader, model_input, resolve_device
@@ -191,13 +191,12 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     model.to(device)
     baseline_model = random_model(trained.config, settings.seed).to(device)
 
-    layout.eval.mkdir(parents=True, exist_ok=True)
-    metrics = score_splits(model, baseline_model, dataset, splits, card, normalisation, trained.config.pool, device,
-                           settings, layout)
-    layout.eval_metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(layout.eval_metrics_file, metrics)
-    layout.eval_figures.mkdir(parents=True, exist_ok=True)
-    figures = grids(model.cpu(), splits, attributes, normalisation, settings, settings.mask_ratio, layout.eval_figures)
+    with layout.writing(layout.eval, EVAL_METRICS, EVAL_FIGURES) as staged:
+        metrics = score_splits(model, baseline_model, dataset, splits, card, normalisation, trained.config.pool,
+                               device, settings, layout, staged)
+        write_json(staged(layout.eval_metrics_file), metrics)
+        figures = [layout.eval_figures / path.name for path in grids(
+            model.cpu(), splits, attributes, normalisation, settings, settings.mask_ratio, staged(layout.eval_figures))]
     _summarise(metrics)
     if log_to_mlflow:
         with model_run(layout.run_file) as mlflow:
@@ -211,20 +210,20 @@ def evaluate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
 
 def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderViT, dataset: str,
                  splits: dict[str, Split], card: DataCard, normalisation: Normalisation, pool: str,
-                 device: torch.device, settings: EvaluateSettings, layout: Layout) -> EvalMetrics:
-    """Every split measured and the classifiers scored; writes the per-sample table and the features, and returns
-    the metrics. What it holds per record (the table, the raw-pixel sample) goes when it returns, before the figures
-    and MLflow's imports add their own memory. `pool` is the feature the logged encoder returns (pretrain took it
-    from evaluate.pool)."""
+                 device: torch.device, settings: EvaluateSettings, layout: Layout, staged: Staged) -> EvalMetrics:
+    """Every split measured and the classifiers scored; writes the per-sample table and the features (into `staged`,
+    the stage's temporary folders), and returns the metrics. What it holds per record (the table, the raw-pixel
+    sample) goes when it returns, before the figures and MLflow's imports add their own memory. `pool` is the feature
+    the logged encoder returns (pretrain took it from evaluate.pool)."""
     attributes = [attr.name for attr in card.sensitive_attributes]
     tables, raw, sampled, reconstruction = [], {}, {}, {}
     sizes = [len(split) for split in splits.values()]
     first_rows = dict(zip(splits, (int(row) for row in np.cumsum(sizes) - sizes)))  # each split's in the files
-    layout.embeddings_folder.mkdir(exist_ok=True)
-    files = {kind: layout.embeddings_file(kind) for kind in ("mae", "random_init")}
+    staged(layout.embeddings_folder).mkdir()
+    files = {kind: staged(layout.embeddings_file(kind)) for kind in ("mae", "random_init")}
     shape = (sum(sizes), MAEEncoder(model, pool).width)
-    for path in files.values():  # made at full size, nothing written yet (`write_rows` fills them)
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    for path in files.values():  # made at full size, blocks reserved, nothing written yet (`write_rows` fills them)
+        allocated(path, np.float32, shape)
     for offset, (name, split) in enumerate(splits.items()):
         measured = measure(model, baseline_model, split, normalisation, pool, device, settings, settings.seed + offset,
                            files, first_rows[name])
@@ -275,7 +274,7 @@ def score_splits(model: MaskedAutoencoderViT, baseline_model: MaskedAutoencoderV
 
     samples = pd.concat(tables, ignore_index=True)
     samples["embedding_row"] = np.arange(len(samples))
-    samples.to_parquet(layout.samples_file, index=False)
+    samples.to_parquet(staged(layout.samples_file), index=False)
     side = splits["train"].pixels.shape[2]
     raw_metrics = {"dataset": dataset, "mask_ratio": settings.mask_ratio, "seed": settings.seed, "pool": pool,
                    "reconstruction": reconstruction, **scores,

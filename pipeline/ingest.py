@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline import PipelineError
-from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, swapped_in, write_json
+from pipeline.artifacts import MANIFEST, PIXELS, PLANTED, PROVENANCE, QUARANTINE, Layout, write_json
 from pipeline.cards import DataCard, card_digest, card_path, load_card
 from pipeline.contracts import Provenance
 from pipeline.ingest_engines import Engine, engine
@@ -193,7 +193,8 @@ def ingest(dataset: str, params_path: Path = DEFAULT_PARAMS, cards_dir: Path = P
     context = Context(card=card, policy=params.policy, withdrawn=withdrawn, salt=salt)
 
     with engine(params.ingest, context, settings.image_size ** 2 * settings.channels) as run, \
-            swapped_in(layout.ingested(dataset)) as tmp:
+            layout.writing(layout.ingested(dataset)) as staged:
+        tmp = staged(layout.ingested(dataset))
         counts, planted, source_sha256 = _write(card, settings, params, run, tmp)
         provenance = Provenance.model_validate({
             "dataset": dataset,

@@ -31,7 +31,7 @@ import pandas as pd
 from scipy.stats import binom
 
 from pipeline import PipelineError
-from pipeline.artifacts import SPLITS, Layout, read_table, swapped_in
+from pipeline.artifacts import MANIFEST, SPLITS, Layout, allocated, read_table
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.near_duplicates import group_keys, near_pairs, shard_reader
 from pipeline.params import DEFAULT_PARAMS, NearDuplicateSettings, PrepareSettings, load_params
@@ -146,7 +146,7 @@ def _require_validation(layout: Layout, datasets: list[str]) -> None:
 
 def _write_pixels(assigned: pd.DataFrame, ingested: Path, target: Path, image_shape: tuple[int, int, int]) -> None:
     """Gather a split's pixels shard by shard into one .npy, written in place (memory stays flat)."""
-    out = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(assigned), *image_shape))
+    out = allocated(target, np.uint8, (len(assigned), *image_shape))
     positions = np.arange(len(assigned))
     for name, rows in assigned.groupby("pixels_file").indices.items():
         shard = np.load(ingested / name, mmap_mode="r")
@@ -162,7 +162,7 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
     _require_validation(layout, names)
     assigned: dict[str, pd.DataFrame] = {}
     cards: dict[str, DataCard] = {}
-    manifests = {name: read_table(layout.manifest(name)) for name in names}
+    manifests = {name: read_table(layout.sealed(layout.ingested(name)) / MANIFEST) for name in names}
     groups = near_duplicate_groups(manifests, {name: layout.ingested(name) for name in names},
                                    params.validation.near_duplicates)
     for name, manifest in manifests.items():
@@ -178,10 +178,7 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
     _warn_groups_across_held_out_domains(leaks(combined, GROUP))
 
     sizes = {}
-    with swapped_in(layout.prepared()) as partial:
-        def staged(path: Path) -> Path:
-            return partial / path.relative_to(layout.prepared())
-
+    with layout.writing(layout.prepared()) as staged:
         for name, frame in assigned.items():
             staged(layout.prepared(name)).mkdir(parents=True)
             settings = params.datasets[name]
@@ -193,5 +190,5 @@ def prepare(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_car
                     staged(layout.split_records(name, split)), index=False)
             sizes[name] = split_sizes(frame, cards[name])
             log.info("%s: %s", name, ", ".join(f"{s} {sizes[name][s]['total']}" for s in SPLITS))
-        (partial / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+        (staged(layout.prepared()) / "split_sizes.json").write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
     return sizes

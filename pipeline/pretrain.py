@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import PipelineError
-from pipeline.artifacts import Layout, read_array, write_json
+from pipeline.artifacts import PRETRAIN_LOSS, PRETRAIN_METRICS, Layout, read_array, write_json
 from pipeline.cards import card_path, load_card
 from pipeline.contracts import ModelConfig, PretrainMetrics, TrainedOn
 from pipeline.data import Batches, Draws, NpyRows, SplitPixels, largest_remainder, loader, resolve_device
@@ -30,12 +30,14 @@ from pipeline.policy import card_decision
 from pipeline.reconstruction import masking_noise, reconstruction_figure
 from pipeline.tracking import (
     StepMetrics,
+    close_orphans,
     connect,
     ended_on_failure,
     lineage_tags,
     md5,
     quiet,
     silenced_stdout,
+    workspace,
     write_run_file,
 )
 from pipeline.train import State, fingerprint, init_world, masked_losses, train
@@ -53,10 +55,12 @@ def seed_everything(seed: int, threads: int) -> None:
 
 
 def _start_run(mlflow, settings: PretrainSettings, state: State, params_flat: dict, tags: dict, datasets: list):
-    """Open the model's run (the same run again when resuming) and record what trained it."""
+    """Open the model's run (the same run again when resuming) and record what trained it; runs an earlier
+    attempt in this workspace left RUNNING without a checkpoint to resume them from are ended KILLED."""
     if state.run_id:
         return mlflow.start_run(run_id=state.run_id)
-    mlflow.set_experiment(settings.experiment)
+    experiment = mlflow.set_experiment(settings.experiment)
+    close_orphans(mlflow.MlflowClient(), experiment.experiment_id, tags["pipeline.workspace"])
     run = mlflow.start_run(run_name=f"mae-{settings.preset}-{'+'.join(d.name for d in settings.datasets)}")
     mlflow.log_params(params_flat)
     mlflow.set_tags(tags)
@@ -86,7 +90,7 @@ def check_listed(params: Params, params_path: Path, cards_dir: Path) -> None:
 
 def trained_on(settings: PretrainSettings, layout: Layout) -> list[TrainedOn]:
     """Each listed dataset's train split with its share of an epoch's samples; an empty one cannot be drawn from."""
-    paths = [layout.split_pixels(entry.name, "train") for entry in settings.datasets]
+    paths = [layout.sealed(layout.split_pixels(entry.name, "train")) for entry in settings.datasets]
     sizes = NpyRows(paths).sizes
     shares = largest_remainder(sum(sizes), [entry.weight for entry in settings.datasets])
     for entry, path, size in zip(settings.datasets, paths, sizes):
@@ -108,7 +112,7 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     device = resolve_device(settings.device)
     datasets = trained_on(settings, layout)
     evaluated = datasets[0].name
-    train_paths = [layout.split_pixels(d.name, "train") for d in datasets]
+    train_paths = [layout.split_pixels(d.name, "train") for d in datasets]  # sealed: trained_on checked them
     train_data = SplitPixels(train_paths, Draws(settings.seed, settings.patch_size, settings.augment),
                              [d.weight for d in datasets])
     log.info("an epoch draws %s", ", ".join(f"{d.samples_per_epoch} samples of {d.name} ({d.train_images} images, "
@@ -118,12 +122,12 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
                       norm_pix_loss=settings.norm_pix_loss, **PRESETS[settings.preset])
     model = MaskedAutoencoderViT(**model_args).to(device)
     normalisation = Normalisation.fit(train_data.pixels)
-    val_path = layout.split_pixels(evaluated, "val")
+    val_path = layout.sealed(layout.split_pixels(evaluated, "val"))
     val = SplitPixels(val_path)
     val_batches = loader(val, Batches(len(val), VAL_BATCH), settings.workers, device, settings.prefetch)
     monitored = min(len(val), settings.monitor_images or len(val))
     monitor_batches = loader(val, Batches(monitored, VAL_BATCH), settings.workers, device, settings.prefetch)
-    records_paths = [layout.split_records(d.name, "train") for d in datasets]
+    records_paths = [layout.sealed(layout.split_records(d.name, "train")) for d in datasets]
     inputs = [path for pair in zip(train_paths, records_paths) for path in pair] + [val_path]
     run_fingerprint = fingerprint(settings, model_args, ",".join(d.train_md5 for d in datasets), world.size)
 
@@ -149,7 +153,7 @@ def pretrain(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
                                          name=f"{d.name}-train-manifest", digest=records_md5[:8]), "training",
                  {**shared, "data_md5": records_md5}),
             ]
-        tags = lineage_tags(inputs, provenances)
+        tags = {**lineage_tags(inputs, provenances), "pipeline.workspace": workspace(layout.root)}
         params_flat = {**settings.model_dump(mode="json"), **{f"model.{k}": v for k, v in model_args.items()},
                        "world_size": world.size, "train_images": len(train_data)}
         resumed = state.run_id is not None
@@ -184,43 +188,43 @@ def _finish(mlflow, step_log: StepMetrics, model, model_args, settings, pool: st
                               improvement_over_baseline=round(1 - val_loss / baseline, 6),
                               final_train_loss=round(state.history[-1]["train_loss"], 6), epochs=state.epoch,
                               steps=state.step)
-    layout.model.mkdir(parents=True, exist_ok=True)
-    model = model.cpu()
-    torch.save(model.state_dict(), layout.weights_file)
-    write_json(layout.config_file, ModelConfig(model=model_args, preset=settings.preset, mask_ratio=settings.mask_ratio,
-                                               pool=pool, normalisation=normalisation.stats(), dataset=datasets[0].name,
-                                               datasets=datasets, run_id=state.run_id))
-    layout.pretrain_metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    write_json(layout.pretrain_metrics_file, metrics)
-    with layout.loss_curve.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss"])
-        writer.writeheader()
-        for row in state.history:
-            writer.writerow({"epoch": row["epoch"], "train_loss": round(row["train_loss"], 6),
-                             "val_loss": round(row.get("val_loss", float("nan")), 6)})
+    with layout.writing(layout.model, PRETRAIN_METRICS, PRETRAIN_LOSS) as staged:
+        model = model.cpu()
+        torch.save(model.state_dict(), staged(layout.weights_file))
+        write_json(staged(layout.config_file), ModelConfig(
+            model=model_args, preset=settings.preset, mask_ratio=settings.mask_ratio, pool=pool,
+            normalisation=normalisation.stats(), dataset=datasets[0].name, datasets=datasets, run_id=state.run_id))
+        write_json(staged(layout.pretrain_metrics_file), metrics)
+        with staged(layout.loss_curve).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "val_loss"])
+            writer.writeheader()
+            for row in state.history:
+                writer.writerow({"epoch": row["epoch"], "train_loss": round(row["train_loss"], 6),
+                                 "val_loss": round(row.get("val_loss", float("nan")), 6)})
 
-    shown = normalisation.normalise(val_pixels[:settings.figure_images])
-    noise = masking_noise(len(shown), model.patch_embed.num_patches, settings.seed)
-    figure = reconstruction_figure(model, shown, noise, normalisation, settings.mask_ratio, "validation images")
-    figure.savefig(layout.reconstructions_figure, dpi=120)
-    encoder = MAEEncoder(model, pool).eval()  # the feature evaluate and the audits judged
-    example = normalisation.normalise(val_pixels[:2])
-    with torch.no_grad():
-        output = encoder(example)
-    from mlflow.models import infer_signature
+        shown = normalisation.normalise(val_pixels[:settings.figure_images])
+        noise = masking_noise(len(shown), model.patch_embed.num_patches, settings.seed)
+        figure = reconstruction_figure(model, shown, noise, normalisation, settings.mask_ratio, "validation images")
+        figure.savefig(staged(layout.reconstructions_figure), dpi=120)
+        encoder = MAEEncoder(model, pool).eval()  # the feature evaluate and the audits judged
+        example = normalisation.normalise(val_pixels[:2])
+        with torch.no_grad():
+            output = encoder(example)
+        from mlflow.models import infer_signature
 
-    with silenced_stdout():
-        step_log.log({k if k.startswith("final_") else f"final_{k}": float(v) for k, v in dict(metrics).items()}, 0)
-        mlflow.log_figure(figure, "figures/reconstructions.png")
-        mlflow.log_artifact(str(layout.config_file))
-        mlflow.log_artifact(str(layout.loss_curve))
-        logged = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
-                                 signature=infer_signature(example.numpy(), output.numpy()),
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
-                                 code_paths=[str(Path(__file__).parent)])
-        run = mlflow.active_run()
-        write_run_file(run, logged.model_uri, layout.run_file)
-        mlflow.end_run()
+        with silenced_stdout():
+            step_log.log({k if k.startswith("final_") else f"final_{k}": float(v)
+                          for k, v in dict(metrics).items()}, 0)
+            mlflow.log_figure(figure, "figures/reconstructions.png")
+            mlflow.log_artifact(str(staged(layout.config_file)))
+            mlflow.log_artifact(str(staged(layout.loss_curve)))
+            logged = mlflow.pytorch.log_model(encoder, name="encoder", input_example=example.numpy(),
+                                              signature=infer_signature(example.numpy(), output.numpy()),
+                                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+                                              code_paths=[str(Path(__file__).parent)])
+            run = mlflow.active_run()
+            write_run_file(run, logged.model_uri, staged(layout.run_file))
+            mlflow.end_run()
     log.info("val masked-patch loss %.4f against the per-patch-mean baseline %.4f (%.0f%% lower); MLflow run %s",
              val_loss, baseline, 100 * metrics.improvement_over_baseline, state.run_id)
     return metrics

@@ -38,7 +38,7 @@ def load_trained(layout: Layout) -> Trained:
     """models/mae/ as pretrain wrote it; the weights load with weights_only, so a planted file cannot run code."""
     config, run = layout.config(), layout.run()
     try:
-        state = torch.load(layout.weights_file, map_location="cpu", weights_only=True)
+        state = torch.load(layout.sealed(layout.weights_file), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise not_found(layout.weights_file) from None
     model = MaskedAutoencoderViT(**config.model)
@@ -64,8 +64,8 @@ class Split:
 def load_split(layout: Layout, dataset: str, split: str, columns: list[str] | None = None) -> Split:
     """A split's records (only `columns`, when given: a record's every manifest field costs about 1.4 KB in pandas)
     and its pixels, read by row."""
-    table = read_table(layout.split_records(dataset, split), columns).reset_index(drop=True)
-    return Split(split, table, SplitPixels(layout.split_pixels(dataset, split)))
+    table = read_table(layout.sealed(layout.split_records(dataset, split)), columns).reset_index(drop=True)
+    return Split(split, table, SplitPixels(layout.sealed(layout.split_pixels(dataset, split))))
 
 
 def load_splits(layout: Layout, dataset: str, columns: list[str] | None = None) -> dict[str, Split]:

@@ -159,9 +159,10 @@ def test_prepare_writes_aligned_pixels_deterministically_and_a_withdrawal_moves_
 
 def test_prepare_refuses_unvalidated_data(workspace: Workspace):
     validated = workspace
-    summary_file = Layout(validated.root).validation_file
-    summary_file.parent.mkdir(parents=True)
-    summary_file.write_text(json.dumps({"passed": False, "failed_critical": 3, "failed_warning": 0, "datasets": {}}))
+    layout = Layout(validated.root)
+    with layout.writing(layout.validation) as staged:
+        staged(layout.validation_file).write_text(
+            json.dumps({"passed": False, "failed_critical": 3, "failed_warning": 0, "datasets": {}}))
     result = validated.run("prepare")
     assert result.returncode == 2
     assert "summary.json: validation failed (3 critical)" in result.stderr

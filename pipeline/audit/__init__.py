@@ -26,17 +26,19 @@ def overall_status(statuses: list[str]) -> Status:
     return max(statuses, key=STATUSES.index)
 
 
-def publish(folder: Path, name: str, result: BaseModel, markdown: str, run_file: Path | None) -> None:
-    """<name>.json (the typed result) and <name>.md beside the figures already in `folder`; all of them logged to
-    the model's MLflow run (`run_file`, unless None), tagged `audit.<name>` = the audit's status."""
+def publish(folder: Path, name: str, result: BaseModel, markdown: str) -> None:
+    """<name>.json (the typed result) and <name>.md beside the figures already in `folder`."""
     from pipeline.artifacts import write_json
 
-    folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / f"{name}.json", result)
     (folder / f"{name}.md").write_text(markdown)
-    if run_file is not None:
-        from pipeline.tracking import model_run
 
-        with model_run(run_file) as mlflow:
-            mlflow.log_artifacts(str(folder), f"audit/{name}")
-            mlflow.set_tag(f"audit.{name}", result.status)
+
+def log_audit(folder: Path, name: str, status: str, run_file: Path) -> None:
+    """The audit's folder, once swapped in whole, logged to the model's MLflow run, tagged `audit.<name>` = its
+    status."""
+    from pipeline.tracking import model_run
+
+    with model_run(run_file) as mlflow:
+        mlflow.log_artifacts(str(folder), f"audit/{name}")
+        mlflow.set_tag(f"audit.{name}", status)

@@ -29,7 +29,7 @@ import pandas as pd
 
 from pipeline import PipelineError
 from pipeline.artifacts import BIAS, Layout
-from pipeline.audit import overall_status, publish
+from pipeline.audit import log_audit, overall_status, publish
 from pipeline.audit.stats import Criterion, adjusted_confidence, compare, mean_interval, operating, settle_sentence
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import (
@@ -375,9 +375,11 @@ def audit_bias(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_
     card = load_card(card_path(layout.config().dataset, cards_dir))
     check_references(card, settings, params_path)
     result = audit(samples, card, settings)
-    layout.bias.mkdir(parents=True, exist_ok=True)
-    figures(result, layout.bias)
-    publish(layout.bias, "bias", result, markdown(result), layout.run_file if log_to_mlflow else None)
+    with layout.writing(layout.bias) as staged:
+        figures(result, staged(layout.bias))
+        publish(staged(layout.bias), "bias", result, markdown(result))
+    if log_to_mlflow:
+        log_audit(layout.bias, "bias", result.status, layout.run_file)
     for check in result.checks:
         log.info("%s: %s (%s %s, interval %s, threshold %s)%s", check.id, check.status, check.statistic,
                  fmt(check.value), fmt(check.interval), check.threshold, f": {check.reason}" if check.reason else "")

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from pipeline.artifacts import SHIFT, UNSEEN, Layout
-from pipeline.audit import overall_status, publish
+from pipeline.audit import log_audit, overall_status, publish
 from pipeline.audit.corruptions import (
     CORRUPTIONS_FILE,
     SEVERITIES,
@@ -239,22 +239,25 @@ def audit_shift(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data
         domains=domains, drift=drifts, corruptions=suite, checks=checks,
         status=overall_status([c.status for c in checks]))
 
-    out = layout.shift
-    out.mkdir(parents=True, exist_ok=True)
-    per_image.to_parquet(out / CORRUPTIONS_FILE, index=False)
-    save_figure(curves_figure(suite), out / "corruption_curves.png")
-    rows = [(f"in-domain {r.domain}", pixels) for pixels, r in
-            zip(chosen_pixels, unseen_records.iloc[chosen[:settings.overtrust_images]].itertuples())]
-    if "heldout" in splits:
-        heldout = splits["heldout"]
-        for domain in held_out:
-            index = np.flatnonzero(heldout.records["domain"].to_numpy() == domain)[:settings.overtrust_images]
-            rows += [(f"held out {domain}", heldout.pixels[i]) for i in index]
-    if len(chosen):
-        rows.append(("noise severity 3", corrupt(chosen_pixels[:1], "gaussian_noise", 3, settings.seed)[0]))
-    save_figure(overtrust_figure(model, rows, normalisation, settings), out / "overtrust.png")
-    publish(out, "shift", result, markdown(result), layout.run_file if log_to_mlflow else None)
+    with layout.writing(layout.shift) as staged:
+        out = staged(layout.shift)
+        per_image.to_parquet(out / CORRUPTIONS_FILE, index=False)
+        save_figure(curves_figure(suite), out / "corruption_curves.png")
+        rows = [(f"in-domain {r.domain}", pixels) for pixels, r in
+                zip(chosen_pixels, unseen_records.iloc[chosen[:settings.overtrust_images]].itertuples())]
+        if "heldout" in splits:
+            heldout = splits["heldout"]
+            for domain in held_out:
+                index = np.flatnonzero(heldout.records["domain"].to_numpy() == domain)[:settings.overtrust_images]
+                rows += [(f"held out {domain}", heldout.pixels[i]) for i in index]
+        if len(chosen):
+            rows.append(("noise severity 3", corrupt(chosen_pixels[:1], "gaussian_noise", 3, settings.seed)[0]))
+        save_figure(overtrust_figure(model, rows, normalisation, settings), out / "overtrust.png")
+        publish(out, "shift", result, markdown(result))
+    if log_to_mlflow:
+        log_audit(layout.shift, "shift", result.status, layout.run_file)
     for check in result.checks:
         log.info("%s: %s (%s %s%s)", check.id, check.status, check.statistic, fmt(check.value),
                  f", p {check.p_value:.4f}" if check.p_value is not None else "")
     return result
+

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from pipeline import PipelineError
-from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, read_table, swapped_in, write_json
+from pipeline.artifacts import BIAS, EVAL_FIGURES, SHIFT, Layout, failpoint, read_table, write_json, written_whole
 from pipeline.cards import DataCard, card_path, load_card
 from pipeline.contracts import (
     BiasResult,
@@ -37,7 +37,14 @@ from pipeline.contracts import (
 )
 from pipeline.params import DEFAULT_PARAMS, Params, load_params
 from pipeline.policy import load_withdrawals
-from pipeline.registry import PARAMS_ARTIFACT, approved_version, lineage_of_run, log_report, register_version
+from pipeline.registry import (
+    PARAMS_ARTIFACT,
+    approved_version,
+    lineage_of_run,
+    log_report,
+    register_version,
+    withdrawn_versions,
+)
 from pipeline.report.changes import changes
 from pipeline.report.croissant import croissant
 from pipeline.report.evidence import DatasetEvidence, Evidence
@@ -45,7 +52,7 @@ from pipeline.report.html import report_html
 from pipeline.report.judge import decide_release, judge
 from pipeline.report.markdown import report_markdown
 from pipeline.report.model_card import model_card
-from pipeline.review.store import context, review_of, rewrite_report
+from pipeline.review.store import context, review_of, write_signoff
 from pipeline.tracking import commits_between
 from pipeline.validation.summary import failure_lines
 
@@ -92,8 +99,8 @@ def gather(params: Params, cards_dir: Path, layout: Layout) -> Gathered:
         config=config, run=layout.run(),
         cards={name: load_card(card_path(name, cards_dir)) for name in params.datasets},
         provenances={name: layout.provenance(name) for name in params.datasets},
-        training=pd.concat([read_table(layout.split_records(entry.name, "train")) for entry in config.datasets],
-                           ignore_index=True),
+        training=pd.concat([read_table(layout.sealed(layout.split_records(entry.name, "train")))
+                            for entry in config.datasets], ignore_index=True),
         samples=layout.samples(),
         validation=layout.validation_summary(), pretrain=layout.pretrain_metrics(), evaluation=layout.eval_metrics(),
         bias=layout.bias_result(), shift=layout.shift_result())
@@ -122,8 +129,8 @@ def report(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_card
     """Written in full into a folder beside `out` (reports/governance) and renamed into place only when all of it
     succeeded, the MLflow records included: a failed run leaves the previous report as it was."""
     final = out or layout.governance
-    with swapped_in(final) as partial:
-        return build(params_path, cards_dir, layout, partial, final)
+    with written_whole(final, root=layout.root) as staged:
+        return build(params_path, cards_dir, layout, staged(final), final)
 
 
 def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: Path) -> Release:
@@ -151,6 +158,8 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         commits_between(approved.release.model.git_commit, lineage["git.commit"])
         if approved.release is not None else None)
     version = register_version(settings.registered_model, run, decision.decision)
+    failpoint("report:registered")  # registered, nothing else recorded yet: what `reconcile` heals
+    others = withdrawn_versions(settings.registered_model, withdrawn, params.policy.withdrawals_file, version)
     model = ModelFacts(dataset=dataset, trained_on=config.datasets, run_id=run.run_id, experiment_id=run.experiment_id,
                        model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
                        git_commit=lineage["git.commit"], git_dirty=lineage["git.dirty"],
@@ -171,7 +180,7 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         review=Review(required=settings.require_signoff, required_signoffs=settings.required_signoffs,
                       state="awaiting sign-off" if settings.require_signoff else "not required", signoffs=[],
                       problems=[]),
-        changes=delta)
+        changes=delta, withdrawn_versions=others)
     markdown = report_markdown(evidence)
     (out / "report.md").write_text(markdown)
     figures = [name for found in evidence.figures.values() for name, _ in found]
@@ -187,7 +196,8 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
                       policy=decision.policy, model=model, data_hashes=lineage["hashes"],
                       report=ReportPaths(html=str(final / "report.html"), markdown=str(final / "report.md"),
                                          model_card=str(final / "model_card.md")),
-                      checks=decision.checks, review=evidence.review, changes=delta)
+                      checks=decision.checks, review=evidence.review, changes=delta,
+                      withdrawn_versions=others)
     write_json(out / "release.json", release)
     if settings.require_signoff:
         release = signed_off(release, out, params, params_path, cards_dir, layout)
@@ -201,5 +211,5 @@ def signed_off(release: Release, out: Path, params: Params, params_path: Path, c
     if what it signed is unchanged, which their digests, blind to the sign-off block, tell."""
     ctx = context(release, out, params, params_path, cards_dir, layout, reviewers_missing_ok=True)
     review = review_of(ctx, params, datetime.now(UTC).date())
-    rewrite_report(out, review)
+    write_signoff(out, review)
     return release.model_copy(update={"review": review})

@@ -207,22 +207,30 @@ def replace_block(document: str, block: str) -> str:
     return document[:start] + block + document[end + len(BLOCK_END):]
 
 
-def rewrite_report(governance: Path, review: Review) -> None:
-    """The sign-off block of report.md, model_card.md and report.html, and release.json's review, rewritten in
-    place: the rest of each file, which the sign-offs' digests cover, stays byte for byte."""
+def write_signoff(folder: Path, review: Review) -> None:
+    """The sign-off block of report.md, model_card.md and report.html, and release.json's review, rewritten in a
+    report being written: the rest of each file, which the sign-offs' digests cover, stays byte for byte."""
     from pipeline.report.html import render_body
     from pipeline.report.markdown import signoff_section
 
     block = "\n".join(signoff_section(review)).rstrip() + "\n"
     block = block[:block.rindex(BLOCK_END) + len(BLOCK_END)]
     for name in ("report.md", "model_card.md"):
-        path = governance / name
+        path = folder / name
         path.write_text(replace_block(path.read_text(), block))
     html = render_body(block).rstrip()
-    path = governance / "report.html"
+    path = folder / "report.html"
     path.write_text(replace_block(path.read_text(), html[:html.rindex(BLOCK_END) + len(BLOCK_END)]))
-    release = read_json(governance / "release.json", Release)
-    write_json(governance / "release.json", release.model_copy(update={"review": review}))
+    release = read_json(folder / "release.json", Release)
+    write_json(folder / "release.json", release.model_copy(update={"review": review}))
+
+
+def rewrite_report(governance: Path, review: Review) -> None:
+    """`write_signoff` on the finished report, in a copy swapped in whole (pipeline.artifacts.rewritten)."""
+    from pipeline.artifacts import rewritten, sealed
+
+    with rewritten(sealed(governance, governance)) as copy:
+        write_signoff(copy, review)
 
 
 def relog_report(release: Release, governance: Path) -> None:
