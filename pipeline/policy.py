@@ -7,6 +7,7 @@ Fail closed: a record is accepted only when the policy can establish that using 
 from __future__ import annotations
 
 import csv
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -162,13 +163,15 @@ def c2pa_decision(facts: RecordFacts, policy: Policy) -> Decision:
 
 
 def load_withdrawals(path: Path) -> frozenset[str]:
-    """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed."""
+    """Record ids, pixel sha256s or source-file sha256s whose subjects asked to be removed (ids in NFC, as ingest
+    stores them, so either Unicode form of an id matches)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(row for row in handle if not row.startswith("#"))
             if reader.fieldnames is None or "id" not in reader.fieldnames:
                 raise PipelineError(f"{path}: header: needs an 'id' column (record id or sha256)")
-            return frozenset(row["id"].strip() for row in reader if row["id"] and row["id"].strip())
+            return frozenset(unicodedata.normalize("NFC", row["id"].strip()) for row in reader
+                             if row["id"] and row["id"].strip())
     except FileNotFoundError:
         raise PipelineError(f"{path}: withdrawals file not found (policy.withdrawals_file)") from None
     except (csv.Error, UnicodeDecodeError) as exc:

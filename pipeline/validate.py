@@ -18,7 +18,6 @@ one a single frame would give.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import Layout, not_found, read_table, write_json
+from pipeline.artifacts import MANIFEST, Layout, not_found, read_table, write_json
 from pipeline.cards import DataCard, card_digest, card_path, load_card, spdx_problem
 from pipeline.contracts import Provenance, ValidationSummary
 from pipeline.near_duplicates import pair_table, shard_reader
@@ -85,6 +84,26 @@ def near_duplicate_column(manifest: pd.DataFrame, dataset: str, near: pd.DataFra
     return (manifest["record_id"] + " ~ " + found).where(found.notna(), None).rename("near_duplicates")
 
 
+def case_twins(record_ids: pd.Series) -> dict[str, str]:
+    """Per record id that differs from another only by case (`Photo-A`, `photo-a`): `<id> ~ <the others>`. Two
+    such records are one file on a file system that ignores case, and a withdrawal typed in the other case
+    misses one (ids are compared exactly, after Unicode NFC)."""
+    ids = pd.Series(record_ids.unique(), dtype=object)
+    twins = {}
+    for _, group in ids.groupby(ids.str.casefold()):
+        if len(group) > 1:
+            for one in group:
+                twins[one] = f"{one} ~ {', '.join(sorted(other for other in group if other != one))}"
+    return twins
+
+
+def annotated(chunk: pd.DataFrame, dataset: str, near: pd.DataFrame, twins: dict[str, str]) -> pd.DataFrame:
+    """Records with the columns the checks across records read: near-duplicates and case-only twins."""
+    found = chunk["record_id"].map(twins)
+    return chunk.assign(near_duplicates=near_duplicate_column(chunk, dataset, near),
+                        case_twins=found.where(found.notna(), None))
+
+
 def _manifest_file(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
@@ -100,13 +119,13 @@ def identity_columns(path: Path, card: DataCard) -> pd.DataFrame:
         return file.read(columns=[c for c in wanted if c in file.schema_arrow.names]).to_pandas()
 
 
-def record_chunks(path: Path, folder: Path, dataset: str, near: pd.DataFrame, rows: int) -> Iterator[pd.DataFrame]:
-    """The records table `rows` records at a time: each chunk of the manifest with its near-duplicates and pixel
+def record_chunks(path: Path, folder: Path, dataset: str, near: pd.DataFrame, twins: dict[str, str],
+                  rows: int) -> Iterator[pd.DataFrame]:
+    """The records table `rows` records at a time: each chunk of the manifest `annotated` and with its pixel
     statistics, read when the previous one has been validated."""
     with _manifest_file(path) as file:
         for batch in file.iter_batches(batch_size=rows):
-            chunk = batch.to_pandas()
-            yield pixel_stats(chunk.assign(near_duplicates=near_duplicate_column(chunk, dataset, near)), folder)
+            yield pixel_stats(annotated(batch.to_pandas(), dataset, near, twins), folder)
 
 
 def dataset_table(card: DataCard, provenance: Provenance, card_file: Path) -> pd.DataFrame:
@@ -147,7 +166,8 @@ def tables_and_checks(params: Params, cards: dict[str, DataCard], cards_dir: Pat
     checks for each dataset, and the near-duplicate pairs across all of them."""
     tables: dict[tuple[str, str], pd.DataFrame | Iterable[pd.DataFrame]] = {}
     checks: dict[str, list[Rule]] = {}
-    identities = {name: identity_columns(layout.manifest(name), cards[name]) for name in params.datasets}
+    identities = {name: identity_columns(layout.sealed(layout.ingested(name)) / MANIFEST, cards[name])
+                  for name in params.datasets}
     near = near_duplicate_pairs(identities, {name: layout.ingested(name) for name in identities},
                                 params.validation.near_duplicates)
     for name, identity in identities.items():
@@ -155,12 +175,11 @@ def tables_and_checks(params: Params, cards: dict[str, DataCard], cards_dir: Pat
         seen = Others(frozenset().union(*(set(m.record_id) for m in others)),
                       frozenset().union(*(set(m.sha256) for m in others)))
         path, folder = layout.manifest(name), layout.ingested(name)
+        twins = case_twins(identity["record_id"])
         if len(identity) > params.validation.chunk_rows:
-            tables[(name, "records")] = record_chunks(path, folder, name, near, params.validation.chunk_rows)
+            tables[(name, "records")] = record_chunks(path, folder, name, near, twins, params.validation.chunk_rows)
         else:
-            manifest = read_table(path)
-            tables[(name, "records")] = pixel_stats(
-                manifest.assign(near_duplicates=near_duplicate_column(manifest, name, near)), folder)
+            tables[(name, "records")] = pixel_stats(annotated(read_table(path), name, near, twins), folder)
         tables[(name, "dataset")] = dataset_table(cards[name], layout.provenance(name), card_path(name, cards_dir))
         tables[(name, "coverage")] = coverage_table(identity, cards[name])
         checks[name] = build_checks(cards[name], params, identity, seen, withdrawn)
@@ -169,7 +188,6 @@ def tables_and_checks(params: Params, cards: dict[str, DataCard], cards_dir: Pat
 
 def write_report(tables, checks, near: pd.DataFrame, params: Params, out_dir: Path) -> ValidationSummary:
     """Run the checks, and write Data Docs, index.html, summary.json and near_duplicates.csv under out_dir."""
-    shutil.rmtree(out_dir, ignore_errors=True)
     docs_dir = out_dir / "gx"
     summary = summarise(run_checks(tables, checks, docs_dir, params.validation.examples))
     write_json(out_dir / "summary.json", summary)
@@ -185,4 +203,5 @@ def validate(params_path: Path = DEFAULT_PARAMS, cards_dir: Path = Path("data_ca
     withdrawn = load_withdrawals(Path(params.policy.withdrawals_file))
     cards = {name: load_card(card_path(name, cards_dir)) for name in params.datasets}
     tables, checks, near = tables_and_checks(params, cards, cards_dir, layout, withdrawn)
-    return write_report(tables, checks, near, params, layout.validation)
+    with layout.writing(layout.validation) as staged:
+        return write_report(tables, checks, near, params, staged(layout.validation))

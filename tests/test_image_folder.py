@@ -17,7 +17,9 @@ import pytest
 from PIL import Image
 
 from pipeline.artifacts import Layout
+from pipeline.policy import load_withdrawals
 from pipeline.sources.records import ImageProblem, decode
+from pipeline.validate import case_twins
 from tests.conftest import ROOT, Workspace, small_params
 
 pytestmark = pytest.mark.fast  # the unit tier: `make test-fast`
@@ -232,3 +234,32 @@ def test_pipes_directories_and_looping_links_are_quarantined_by_type_and_never_o
 def test_missing_folder_is_one_line_error(folder_space: Workspace):
     result = folder_space.run("ingest", "photos")
     assert result.returncode == 2 and "datasets.photos.source" in result.stderr
+
+
+def test_ids_that_differ_only_by_unicode_form_are_one_record_and_by_case_a_warning(folder_space: Workspace):
+    """`café` composed and decomposed (as macOS names files) is one id; `Photo-A` and `photo-a` stay two records,
+    which validate warns about; a withdrawal typed in either Unicode form matches."""
+    folder = folder_space.root / "raw" / "photos"
+    folder.mkdir(parents=True)
+    names = ["caf\u00e9.png", "cafe\u0301.png", "Photo-A.png", "photo-a.png"]
+    rows = []
+    for turn, name in enumerate(names):
+        Image.fromarray(gradient()).rotate(20 * turn).save(folder / name)
+        rows.append({"record_id": "", "path": name, **GOOD})
+    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["record_id", "path", *GOOD])
+        writer.writeheader()
+        writer.writerows(rows)
+    result = folder_space.run("ingest", "photos")
+    assert result.returncode == 0, result.stderr
+    manifest = pd.read_parquet(folder_space.ingested("photos") / "manifest.parquet")
+    quarantine = pd.read_parquet(folder_space.ingested("photos") / "quarantine.parquet")
+    assert sorted(manifest.record_id) == ["Photo-A.png", "caf\u00e9.png", "photo-a.png"]
+    assert list(zip(quarantine.record_id, quarantine.reason)) == [("caf\u00e9.png", "duplicate_record_id")]
+    assert quarantine.source_uri.tolist() == ["file:cafe\u0301.png"], "the file itself keeps its own name"
+
+    assert case_twins(manifest.record_id) == {"Photo-A.png": "Photo-A.png ~ photo-a.png",
+                                              "photo-a.png": "photo-a.png ~ Photo-A.png"}
+    withdrawals = folder_space.root / "withdrawals.csv"
+    withdrawals.write_text("id,requested_at\ncafe\u0301.png,2026-12-01\n", encoding="utf-8")
+    assert load_withdrawals(withdrawals) == frozenset({"caf\u00e9.png"})

@@ -204,4 +204,4 @@ def test_validate_without_ingested_data_is_one_line_error(tmp_path: Path):
     space.write_params(small_params())
     result = run_cli("validate", cwd=tmp_path)
     assert result.returncode == 2
-    assert "manifest.parquet: not found; run `dvc repro ingest@" in result.stderr
+    assert "data/ingested/synthetic: not found; run `dvc repro ingest@synthetic`" in result.stderr

@@ -4,6 +4,7 @@ ingest computes from stored pixels (`pixels_sha256`, `perceptual_hash`)."""
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ class SourceRecord:
     problem: tuple[str, str] | None = None  # (reason code, detail) when there is no usable image
     planted: Planted | None = None  # what a synthetic source planted on purpose
     credentials: Credentials | None = None  # the image's C2PA manifest, where it carries one
+
+    def __post_init__(self) -> None:
+        # one spelling per id: `café` typed composed or decomposed (as macOS names files) is one record, and a
+        # withdrawal in either form matches it (policy.load_withdrawals normalises the same way)
+        self.record_id = unicodedata.normalize("NFC", self.record_id)
 
 
 # What a source yields: a record, or a picklable callable that makes it (a functools.partial of a module-level

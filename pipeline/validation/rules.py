@@ -99,6 +99,9 @@ def build_checks(card: DataCard, params: Params, identity: pd.DataFrame, others:
     name = "identity.no_near_duplicates"
     checks.append(Rule("records", name, gxe.ExpectColumnValuesToBeNull(
         severity=warning, column="near_duplicates", meta={"check": name, "quote": "values"})))
+    name = "identity.record_id_case_unique"  # a warning: ids are case-sensitive, but people and file systems are not
+    checks.append(Rule("records", name, gxe.ExpectColumnValuesToBeNull(
+        severity=warning, column="case_twins", meta={"check": name, "quote": "values"})))
     if others.record_ids:
         add("records", "identity.record_id_unique_across_datasets", gxe.ExpectColumnValuesToNotBeInSet, critical,
             column="record_id", value_set=sorted(others.record_ids))
