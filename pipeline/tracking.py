@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import socket
 import ssl
 import subprocess
 import urllib.error
@@ -44,8 +45,10 @@ def quiet() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-    for name in ("mlflow", "alembic", "urllib3"):
+    for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a retry's warning is a long line per attempt; a connection that stays lost ends the stage with one line
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow\..*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\..*")
     warnings.filterwarnings("ignore", message=r".*pkg_resources.*")
@@ -112,7 +115,36 @@ def connect():
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        check_local_store(uri)
     return mlflow
+
+
+@functools.cache
+def check_local_store(uri: str) -> None:
+    """Once per process, for the workspace's own store (the default sqlite:///…/mlflow.db): every experiment keeps
+    its artifacts inside the workspace. The store records absolute artifact locations, so a copied or moved
+    workspace would write its runs and models into the original's folder."""
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.is_file():
+        return
+    import urllib.parse
+
+    from mlflow import MlflowClient
+
+    home = database.resolve().parent
+    for experiment in MlflowClient(uri).search_experiments(view_type=3):  # active and deleted
+        location = experiment.artifact_location
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            continue
+        folder = Path(urllib.parse.unquote(parsed.path)).resolve()
+        if folder != home and home not in folder.parents:
+            raise PipelineError(f"{database}: experiment {experiment.name!r} keeps its artifacts in {folder}, "
+                                f"outside this workspace {home} (a copied or moved workspace?); move mlflow.db "
+                                "with its artifact folders, or point MLFLOW_TRACKING_URI at the original store")
 
 
 def lost_connection(exc: BaseException | None) -> bool:
@@ -219,6 +251,28 @@ def lineage_tags(inputs: list[Path], provenances: list[Provenance]) -> dict[str,
         tags[f"data.{name}.source_sha256"] = provenance.source.sha256
         tags[f"data.{name}.accepted"] = str(provenance.counts.accepted)
     return tags
+
+
+def workspace(root: Path) -> str:
+    """The machine and folder a stage runs in (the `pipeline.workspace` tag), so a later run can tell its own
+    orphans from another workspace's live runs on a shared server."""
+    return f"{socket.gethostname()}:{Path(root).resolve()}"
+
+
+def close_orphans(client, experiment_id: str, where: str) -> list[str]:
+    """End KILLED the runs of this experiment and workspace that are still RUNNING: a process that died, or whose
+    server went away, before it could end its run leaves one RUNNING forever (a live one is impossible here: DVC
+    runs one stage of a workspace at a time). Returns their ids."""
+    closed = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        if run.data.tags.get("pipeline.workspace") == where:
+            client.set_tag(run.info.run_id, "pipeline.ended_by", "a later run in the same workspace")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("ended KILLED %d run(s) a stopped run left RUNNING in %s: %s", len(closed), where,
+                    ", ".join(closed))
+    return closed
 
 
 class StepMetrics:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import HTTP_RETRIES, changed_paths_tag, git_state, mlflow_error
+from pipeline.tracking import HTTP_RETRIES, changed_paths_tag, close_orphans, git_state, mlflow_error, workspace
 from tests.conftest import Workspace, free_port
 
 TRACKED = ("pretrain", "evaluate", "audit-bias", "audit-shift", "report", "consent-check", "verify")
@@ -97,3 +97,21 @@ def test_changed_paths_are_cut_with_a_count_of_the_rest():
     assert tag.endswith(f" (+{200 - len(shown)} more)") and len(tag) < 1100
     assert changed_paths_tag(["a.py"]) == "a.py"
 
+
+
+def test_a_run_left_running_in_this_workspace_is_ended_killed_and_another_workspaces_is_left(tmp_path: Path):
+    """A server gone before the first checkpoint leaves the run RUNNING; the next pretrain here ends it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("mae", artifact_location=(tmp_path / "artifacts").as_uri())
+    here, elsewhere = workspace(tmp_path / "a"), workspace(tmp_path / "b")
+    orphan = client.create_run(experiment, tags={"pipeline.workspace": here}).info.run_id
+    finished = client.create_run(experiment, tags={"pipeline.workspace": here}).info.run_id
+    client.set_terminated(finished, status="FINISHED")
+    other = client.create_run(experiment, tags={"pipeline.workspace": elsewhere}).info.run_id
+    assert close_orphans(client, experiment, here) == [orphan]
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(orphan).data.tags["pipeline.ended_by"] == "a later run in the same workspace"
+    assert client.get_run(finished).info.status == "FINISHED" and client.get_run(other).info.status == "RUNNING"
+    assert close_orphans(client, experiment, here) == [], "once ended, an orphan is not ended again"
