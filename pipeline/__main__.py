@@ -112,6 +112,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    from pipeline.artifacts import Layout
+    from pipeline.registry import reconcile
+
+    reconcile(Layout())
+    return 0
+
+
 def _release(args: argparse.Namespace) -> int:
     from pipeline.artifacts import Layout
     from pipeline.params import load_params
@@ -345,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
           "only with reviewers' sign-offs (`review`), which still hold when a re-run changed nothing they "
           "signed; with report.require_signoff false, whenever the version is eligible. Exit status 0 whatever "
           "the decision.", _report)
+    stage("reconcile", "bring the registry to what the report says (DVC stage registry, run every time)",
+          "Register the model's run as the version reports/governance/release.json names, if it is not, and set "
+          "that version's tags, description and aliases and the governance artifacts on its run and logged model "
+          "to what the report wrote. Idempotent; `dvc repro` runs it after every report, so a report stopped "
+          "after it registered the version is healed by the next `dvc repro`.", _reconcile, cards=False)
     release = stage("release", "the release gate: exit 0 only for a signed-off version of the current model",
                     "Read reports/governance/release.json and print every check that blocks the release (one per "
                     "line). With report.require_signoff (the default) run `verify` on its version and exit 0 only "
@@ -447,6 +460,14 @@ def main(argv: list[str] | None = None) -> int:
             return args.handler(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:  # a write outside a stage's outputs: a checkpoint, mlflow.db, a log
+        from pipeline.artifacts import disk_error
+
+        refused = disk_error(exc, Path(getattr(exc, "filename", None) or "."))
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -536,6 +536,15 @@ class ReportPaths(Contract):
     model_card: str
 
 
+class WithdrawnVersion(Contract):
+    """Another registered version trained on records the withdrawals file now lists (what consent-check finds);
+    the report tags it consent.status = withdrawn_records."""
+
+    version: str
+    run_id: str
+    records: list[str]  # `<dataset>/<record id>` of the withdrawn records it trained on
+
+
 class Release(Contract):
     """reports/governance/release.json: what the release gate and the registry read. `review` is the sign-off
     block: rewritten in place by each sign-off, so it is left out of the digest a sign-off takes of this file."""
@@ -550,6 +559,7 @@ class Release(Contract):
     checks: list[Check]
     review: Review | None = None  # None: written before sign-off existed
     changes: Changes | None = None  # since the approved version; None: none was approved
+    withdrawn_versions: list[WithdrawnVersion] = []  # other versions trained on withdrawn records
 
 
 class MemorizationRow(Contract):

@@ -17,10 +17,10 @@ import pandas as pd
 import yaml
 
 from pipeline import PipelineError
-from pipeline.artifacts import read_json
-from pipeline.contracts import Release, RunRecord
+from pipeline.artifacts import Layout, read_json
+from pipeline.contracts import Release, RunRecord, WithdrawnVersion
 from pipeline.render import fmt
-from pipeline.tracking import connect, lost_connection, md5, mlflow_error, silenced_stdout
+from pipeline.tracking import connect, lost_connection, md5, mlflow_error, silenced_stdout, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,32 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
             set_review_tags(client, release, review)
     except MlflowException as exc:
         raise mlflow_error(f"cannot record the report on {name} version {version}", exc) from None
+
+
+def reconcile(layout: Layout) -> Release:
+    """The registry brought to what reports/governance says: the version of the model's run registered, its tags,
+    description and aliases, and the governance artifacts on its run and logged model, as `report` left them.
+    Idempotent. DVC runs it after every report (stage `registry`, always changed), so a report stopped after it
+    registered the version, or a report DVC restored from its run cache, still leaves a complete registry."""
+    release, run = layout.release(), layout.run()
+    facts = release.model
+    if run.tracking_uri and run.tracking_uri != tracking_uri():
+        # a pulled clone with its own store: the model's registry is the one it was tracked in
+        log.warning("%s: the model was tracked at %s, not at %s; nothing to reconcile here (point "
+                    "MLFLOW_TRACKING_URI at that store to reconcile it)", layout.run_file, run.tracking_uri,
+                    tracking_uri())
+        return release
+    if facts.run_id != run.run_id:
+        raise PipelineError(f"{layout.release_file}: describes run {facts.run_id}, but {layout.run_file} holds run "
+                            f"{run.run_id}; run `dvc repro report`")
+    version = register_version(facts.registered_model, run, release.decision)
+    if version != facts.version:
+        raise PipelineError(f"{layout.release_file}: describes {facts.registered_model} version {facts.version}, "
+                            f"but the registry holds run {run.run_id} as version {version}; run `dvc repro report`")
+    log_report(facts.registered_model, version, run, layout.governance, release)
+    log.info("%s version %s: tags, aliases, description and governance artifacts as %s says", facts.registered_model,
+             version, layout.release_file)
+    return release
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
@@ -262,3 +288,14 @@ def consent_check(name: str, withdrawn: frozenset[str], withdrawals_file: str) -
             client.set_model_version_tag(name, version.version, "consent.withdrawals_file", withdrawals_file)
         findings.append(entry)
     return findings
+
+
+def withdrawn_versions(name: str, withdrawn: frozenset[str], withdrawals_file: str,
+                       current: str) -> list[WithdrawnVersion]:
+    """The registered versions other than `current` trained on withdrawn records, tagged as consent-check tags
+    them: what the report of a retrained model names, so the withdrawal's reach is on the page that releases it."""
+    if not withdrawn:
+        return []
+    return [WithdrawnVersion(version=found["version"], run_id=found["run_id"], records=found["withdrawn"])
+            for found in consent_check(name, withdrawn, withdrawals_file)
+            if found["withdrawn"] and found["version"] != current]

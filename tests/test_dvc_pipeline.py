@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.artifacts import Layout
+from pipeline.artifacts import KILL_AT, Layout
 from tests.conftest import ROOT, small_params
 
 
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+def dvc(repo: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+           "DVC_NO_ANALYTICS": "1", **(env or {})}
     env.pop("PYTHONPATH", None)  # the stage must import the repository's own copy of the package
     env.pop("MLFLOW_TRACKING_URI", None)  # the repository's own store, as on an engineer's machine
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
@@ -44,7 +44,8 @@ def repo(tmp_path: Path) -> Path:
 
 
 ALL = {"ingest@synthetic", "ingest@sklearn_digits", "validate", "prepare", "pretrain", "evaluate", "audit_bias",
-       "audit_shift", "report"}
+       "audit_shift", "report", "registry"}
+ALWAYS = {"registry"}  # the registry lives outside the workspace: reconciled on every repro
 
 
 def edit_params(repo: Path, edit) -> None:
@@ -69,7 +70,8 @@ def share_through_a_remote(repo: Path, remote: Path, clone: Path) -> None:
     git(repo.parent, "clone", "-q", str(repo), str(clone))
     pulled = dvc(clone, "pull")
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
-    assert json.loads(dvc(clone, "status", "--json").stdout) == {}, "a pulled clone has nothing to re-run"
+    assert json.loads(dvc(clone, "status", "--json").stdout) == {"registry": ["always changed"]}, \
+        "a pulled clone has nothing to re-run"
     for path in ("reports/governance/report.html", "reports/governance/release.json", "models/mae/model.pt",
                  "models/checkpoints/pretrain.pt", "metrics/pretrain.json", "metrics/eval.json"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
@@ -78,6 +80,43 @@ def share_through_a_remote(repo: Path, remote: Path, clone: Path) -> None:
     assert "release decision: BLOCKED" in gate.stdout, gate.stdout + gate.stderr
     metrics = dvc(clone, "metrics", "show", "--json")
     assert "val_masked_loss" in metrics.stdout, metrics.stdout
+
+
+def registry_state(client) -> dict:
+    version = client.get_model_version("mae-encoder", "1")
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "governance")}
+    return {"tags": version.tags, "aliases": sorted(version.aliases), "description": version.description,
+            "artifacts": artifacts}
+
+
+def a_killed_report_is_healed_by_the_next_repro(repo: Path) -> None:
+    """A report killed after it registered the version and before it recorded anything else leaves the version
+    with one tag, no alias and no description (stripped here to that state, since version 1 already holds the
+    rest): the next `dvc repro` restores the report from DVC's run cache and the registry stage heals the
+    registry, with the report byte for byte as before."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    healthy, report = registry_state(client), tree(Layout(repo).governance)
+    assert healthy["aliases"] and healthy["description"] and len(healthy["tags"]) > 5
+    for key in healthy["tags"]:
+        if key != "release.decision":
+            client.delete_model_version_tag("mae-encoder", "1", key)
+    for alias in healthy["aliases"]:
+        client.delete_registered_model_alias("mae-encoder", alias)
+    client.update_model_version("mae-encoder", "1", description="")
+    killed = dvc(repo, "repro", "--force", "--single-item", "report", env={KILL_AT: "report:registered"})
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    stripped = registry_state(client)
+    assert list(stripped["tags"]) == ["release.decision"] and not stripped["aliases"]
+    healed = dvc(repo, "repro")
+    assert healed.returncode == 0 and ran(healed) == ALWAYS, healed.stdout + healed.stderr
+    assert registry_state(client) == healthy
+    assert tree(Layout(repo).governance) == report
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp_path_factory):
@@ -96,17 +135,18 @@ def test_repro_runs_each_stage_once_and_reruns_only_what_changed(repo: Path, tmp
     assert (Layout(repo).governance / "report.html").is_file()
 
     nothing = dvc(repo, "repro")
-    assert nothing.returncode == 0 and ran(nothing) == set(), nothing.stdout
+    assert nothing.returncode == 0 and ran(nothing) == ALWAYS, nothing.stdout
+    a_killed_report_is_healed_by_the_next_repro(repo)
 
     share_through_a_remote(repo, tmp_path_factory.mktemp("remote"), tmp_path_factory.mktemp("colleague") / "repo")
 
     # an audit's param re-runs that audit and the report, nothing upstream
     edit_params(repo, lambda p: p["audit_bias"].update(n_boot=150))
-    assert ran(dvc(repo, "repro")) == {"audit_bias", "report"}
+    assert ran(dvc(repo, "repro")) == {"audit_bias", "report"} | ALWAYS
 
     # a threshold that does not change any outcome re-runs validation but leaves the splits alone
     edit_params(repo, lambda p: p["validation"].update(min_group_count=49))
-    assert ran(dvc(repo, "repro")) == {"validate"}
+    assert ran(dvc(repo, "repro")) == {"validate"} | ALWAYS
 
     # a change to one source's code re-ingests that dataset alone. The digits do not train the model, yet pretrain
     # depends on data/prepared as a whole (DVC cannot list each dataset pretrain.datasets names), so it is out of

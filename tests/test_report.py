@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from pipeline.artifacts import Layout
 from pipeline.audit.memorization import memorization
 from pipeline.cards import load_card
-from pipeline.contracts import Check, Counts, Release, RunRecord
+from pipeline.contracts import Check, Counts, Release, RunRecord, WithdrawnVersion
 from pipeline.params import BlockOn, ReportSettings, load_params
-from pipeline.registry import affected
+from pipeline.registry import affected, withdrawn_versions
 from pipeline.render import fmt, text
 from pipeline.report.html import report_html
 from pipeline.report.judge import consent_checks, decide_release
@@ -341,6 +341,12 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
                      f"synthetic/{only_first['record_id']}"], result.stdout
     assert client.get_model_version("mae-encoder", first_version).tags["consent.status"] == "withdrawn_records"
     assert "consent.status" not in client.get_model_version("mae-encoder", second_version).tags
+    # what the report of the retrained (second) version names and tags
+    withdrawn = frozenset({only_first["sha256"]})
+    named = WithdrawnVersion(version=first_version, run_id=first["run_id"],
+                             records=[f"synthetic/{only_first['record_id']}"])
+    assert withdrawn_versions("mae-encoder", withdrawn, "data_cards/withdrawals.csv", current=second_version) == [named]
+    assert withdrawn_versions("mae-encoder", withdrawn, "data_cards/withdrawals.csv", current=first_version) == []
 
     withdrawals.write_text("id,requested_at,note\nnobody-we-trained-on,2026-11-26,\n")
     assert space.run("consent-check").returncode == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.cards import DataCard
 from pipeline.contracts import (
@@ -17,6 +17,7 @@ from pipeline.contracts import (
     Review,
     ShiftResult,
     ValidationSummary,
+    WithdrawnVersion,
 )
 from pipeline.params import Policy
 
@@ -47,6 +48,7 @@ class Evidence:
     figures: dict[str, list[tuple[str, str]]]  # area -> (file name under figures/, caption)
     review: Review  # the sign-offs recorded for this version when the report was written
     changes: Changes | None = None  # since the approved version; None when none is approved
+    withdrawn_versions: list[WithdrawnVersion] = field(default_factory=list)  # other versions, withdrawn records
 
     @property
     def trained_card(self) -> DataCard:

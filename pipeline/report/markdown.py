@@ -241,6 +241,15 @@ def consent_section(evidence: Evidence) -> list[str]:
               "The model was trained on the records below; their ids are logged with the model "
               "(`governance/training_records.csv`, with each record's dataset) so that `python -m pipeline "
               "consent-check` finds every model version a later withdrawal touches, in any of these datasets.", ""]
+    if evidence.withdrawn_versions:
+        lines += [f"Registered versions of {text(evidence.model.registered_model)} trained on records the withdrawals "
+                  "file now lists (tagged `consent.status` = withdrawn_records in the registry; retire them):", ""]
+        lines += table(["version", "run", "withdrawn records it trained on"],
+                       [[v.version, text(v.run_id), f"{len(v.records)}: {text(', '.join(v.records[:5]))}"
+                         + (", …" if len(v.records) > 5 else "")] for v in evidence.withdrawn_versions])
+        lines += [""]
+    elif evidence.withdrawals:
+        lines += ["No other registered version was trained on a record the withdrawals file lists.", ""]
     lines += table(["trained on", "training records", "licence", "consent basis", "training permission"],
                    [[text(name), count, text(evidence.datasets[name].card.license.spdx),
                      evidence.datasets[name].card.consent.basis,
