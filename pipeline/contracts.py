@@ -528,6 +528,9 @@ class ModelFacts(Contract):
     mask_ratio: float
     pool: str
     architecture: dict[str, int | float | bool | str]
+    # the logged model's files (all but its governance/ copy of the report) -> SHA-256, recorded at registration
+    # (and as the version's tag model.files_sha256): what `registry.load_encoder` checks before it loads
+    files: dict[str, str] = {}
 
 
 class ReportPaths(Contract):

@@ -8,7 +8,10 @@ any of the three ids the withdrawals file accepts, whichever dataset it is in.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ SAMPLES_ARTIFACT = "eval/samples.parquet"  # logged by evaluate to the model's r
 RELEASE_ARTIFACT = "governance/release.json"  # logged by log_report
 PARAMS_ARTIFACT = "governance/params.yaml"  # the params file the report was written with
 ID_COLUMNS = ("record_id", "sha256", "source_sha256")
+FILES_TAG = "model.files_sha256"  # the version's tag: `files_digest` of the logged model's files at registration
+PROGRAM = "data/model.pt2"  # the torch.export program of the logged encoder, the one file `load_encoder` loads
 
 
 def _client():
@@ -55,8 +60,9 @@ def lineage_of_run(run: RunRecord, train_paths: list[Path], root: Path) -> dict:
             "git.changed_paths": tags.get("git.changed_paths", ""), "hashes": hashes}
 
 
-def register_version(name: str, run: RunRecord, decision: str) -> str:
-    """The registered version of this run's encoder: created once, found again when the report re-runs."""
+def register_version(name: str, run: RunRecord, decision: str, files: dict[str, str]) -> str:
+    """The registered version of this run's encoder: created once, found again when the report re-runs. `files`
+    (the logged model's files -> SHA-256) is recorded with it, as the tag FILES_TAG."""
     from mlflow.exceptions import MlflowException
 
     if not run.model_uri:
@@ -73,7 +79,7 @@ def register_version(name: str, run: RunRecord, decision: str) -> str:
             client.create_registered_model(name, description="MAE ViT encoders with their governance evidence: "
                                                              "report, release decision and training record ids.")
         version = client.create_model_version(name, source=run.model_uri, run_id=run.run_id,
-                                              tags={"release.decision": decision},
+                                              tags={"release.decision": decision, FILES_TAG: files_digest(files)},
                                               model_id=run.model_uri.removeprefix("models:/"))
     except MlflowException as exc:
         raise mlflow_error(f"cannot register {name}", exc) from None
@@ -103,7 +109,8 @@ def log_report(name: str, version: str, run: RunRecord, folder: Path, release: R
         tags = {"release.decision": release.decision, "release.blocked_by": ", ".join(release.blocked_by)[:5000],
                 "release.report": "governance/report.html", "training_records": RECORDS_ARTIFACT, **statuses}
         tags.update({f"data.{k}": v for k, v in release.data_hashes.items()})
-        tags.update({"git.commit": release.model.git_commit, "git.dirty": release.model.git_dirty})
+        tags.update({"git.commit": release.model.git_commit, "git.dirty": release.model.git_dirty,
+                     FILES_TAG: files_digest(release.model.files)})
         if release.model.git_changed_paths:
             tags["git.changed_paths"] = release.model.git_changed_paths
         for key, value in tags.items():
@@ -142,7 +149,7 @@ def reconcile(layout: Layout) -> Release:
     if facts.run_id != run.run_id:
         raise PipelineError(f"{layout.release_file}: describes run {facts.run_id}, but {layout.run_file} holds run "
                             f"{run.run_id}; run `dvc repro report`")
-    version = register_version(facts.registered_model, run, release.decision)
+    version = register_version(facts.registered_model, run, release.decision, facts.files)
     if version != facts.version:
         raise PipelineError(f"{layout.release_file}: describes {facts.registered_model} version {facts.version}, "
                             f"but the registry holds run {run.run_id} as version {version}; run `dvc repro report`")
@@ -150,6 +157,63 @@ def reconcile(layout: Layout) -> Release:
     log.info("%s version %s: tags, aliases, description and governance artifacts as %s says", facts.registered_model,
              version, layout.release_file)
     return release
+
+
+def files_digest(files: dict[str, str]) -> str:
+    """One SHA-256 for a model's file listing (path -> SHA-256): the version tag model.files_sha256."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def load_encoder(name: str, version: str | None = None, alias: str = "candidate"):
+    """The registered encoder as a module that maps normalised images to features, loaded so that loading cannot
+    run code: the logged model's files are checked against the digests the report recorded when it registered
+    the version (release.json on the version's run, and its tag model.files_sha256), and only the pt2 program
+    loads, with MLflow's pickle deserialisation off. A swapped or added file is refused in one line."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.review.store import model_files
+
+    mlflow = connect()
+    client = mlflow.MlflowClient()
+    try:
+        found = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise mlflow_error(f"cannot find {name} {'version ' + version if version else '@' + alias}", exc) from None
+    where = f"{name} version {found.version}"
+    recorded_digest = found.tags.get(FILES_TAG)
+    if not recorded_digest:
+        raise PipelineError(f"{where}: no {FILES_TAG} tag (registered by a report that recorded no model digests); "
+                            "run `dvc repro report` to record them")
+    with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
+        try:
+            release = read_json(Path(mlflow.artifacts.download_artifacts(
+                run_id=found.run_id, artifact_path=RELEASE_ARTIFACT, dst_path=f"{tmp}/release")), Release)
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=f"{tmp}/model"))
+        except (MlflowException, OSError) as exc:
+            raise mlflow_error(f"cannot download the files of {where}", exc) from None
+        recorded = release.model.files
+        if files_digest(recorded) != recorded_digest:
+            raise PipelineError(f"{where}: {RELEASE_ARTIFACT} on run {found.run_id} lists other model files than "
+                                f"the version's tag {FILES_TAG} records; refusing to load")
+        files = model_files(root)
+        for path in sorted(recorded.keys() | files.keys()):
+            if recorded.get(path) != files.get(path):
+                state = "added" if path not in recorded else "missing" if path not in files else "changed"
+                raise PipelineError(f"{found.source}/{path}: {state} since registration (sha256 recorded: "
+                                    f"{recorded.get(path, 'none')}); refusing to load {where}")
+        if PROGRAM not in files:
+            raise PipelineError(f"{found.source}: no {PROGRAM} (a pickled model?); only the pt2 program loads")
+        previous = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+        os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+        try:
+            return mlflow.pytorch.load_model(str(root), device="cpu")
+        except MlflowException as exc:
+            raise mlflow_error(f"cannot load {where}", exc) from None
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_ALLOW_PICKLE_DESERIALIZATION")
+            else:
+                os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = previous
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pipeline import PipelineError
 from pipeline.artifacts import Layout
 from pipeline.audit.memorization import memorization
 from pipeline.cards import load_card
@@ -24,6 +25,7 @@ from pipeline.registry import affected, withdrawn_versions
 from pipeline.render import fmt, text
 from pipeline.report.html import report_html
 from pipeline.report.judge import consent_checks, decide_release
+from pipeline.review.store import logged_model_files
 from tests.conftest import ROOT, Workspace
 
 SETTINGS = ReportSettings(max_memorization_gap=0.25, n_boot=200, advisory=["shift.drift.*"])
@@ -327,7 +329,7 @@ def test_consent_check_finds_only_the_versions_trained_on_a_withdrawn_record(rep
         records.iloc[1:].to_csv(second_records, index=False)
         mlflow.log_artifact(str(second_records), str(Path(RECORDS_ARTIFACT).parent))
     second_version = register_version("mae-encoder", RunRecord(run_id=run.info.run_id, model_uri=logged.model_uri),
-                                      "blocked")
+                                      "blocked", logged_model_files(logged.model_uri))
 
     space = Workspace(tmp_path / "steward", env=reported.env)
     (space.root / "data_cards").mkdir(parents=True)
@@ -489,3 +491,46 @@ def test_croissant_is_1_1_with_provenance_and_usage_conditions_and_loads_in_mlcr
     offer = document["usageInfo"][1]
     assert "odrl:Offer" in offer["@type"] and offer["odrl:permission"]["name"] == "AI training"
     assert len(list(dataset.records("records"))) == 3
+
+
+def test_the_registered_encoder_loads_only_as_it_was_registered(reported: Workspace, tmp_path_factory, monkeypatch):
+    """`registry.load_encoder` checks the logged model's files against the digests recorded at registration and
+    loads only the pt2 program, pickle off: a changed file or a planted pickle is refused in one line."""
+    import torch
+
+    from pipeline.mae import MAEEncoder
+    from pipeline.registry import FILES_TAG, files_digest, load_encoder
+    from pipeline.trained import load_trained
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", reported.env["MLFLOW_TRACKING_URI"])
+    release = json.loads((governance(reported) / "release.json").read_text())
+    files = release["model"]["files"]
+    assert "data/model.pt2" in files and not any(name.endswith(".pth") for name in files), files
+    version = MlflowClient(reported.env["MLFLOW_TRACKING_URI"]).get_model_version("mae-encoder",
+                                                                                  release["model"]["version"])
+    assert version.tags[FILES_TAG] == files_digest(files)
+
+    trained = load_trained(Layout(reported.root))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = MAEEncoder(trained.model, trained.config.pool).eval()(images)
+        assert torch.allclose(load_encoder("mae-encoder", alias="candidate")(images), expected, atol=1e-5)
+
+    model_id = release["model"]["model_uri"].removeprefix("models:/")
+    servers = tmp_path_factory.getbasetemp().glob(f"mlflow-server*/artifacts/**/{model_id}/artifacts")
+    stored = {p.resolve() for p in servers}
+    assert len(stored) == 1, stored  # the server's artifact folder of the logged model (pytest links -current)
+    folder = stored.pop()
+    program, planted = folder / "data" / "model.pt2", folder / "data" / "model.pth"
+    original = program.read_bytes()
+    try:
+        program.write_bytes(original + b"\0")
+        with pytest.raises(PipelineError, match=r"data/model\.pt2: changed since registration .*refusing to load"):
+            load_encoder("mae-encoder", alias="candidate")
+        program.write_bytes(original)
+        planted.write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that runs a command
+        with pytest.raises(PipelineError, match=r"data/model\.pth: added since registration"):
+            load_encoder("mae-encoder", alias="candidate")
+    finally:
+        program.write_bytes(original)
+        planted.unlink(missing_ok=True)

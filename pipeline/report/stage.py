@@ -52,7 +52,7 @@ from pipeline.report.html import report_html
 from pipeline.report.judge import decide_release, judge
 from pipeline.report.markdown import report_markdown
 from pipeline.report.model_card import model_card
-from pipeline.review.store import context, review_of, write_signoff
+from pipeline.review.store import context, logged_model_files, review_of, write_signoff
 from pipeline.tracking import commits_between
 from pipeline.validation.summary import failure_lines
 
@@ -157,14 +157,15 @@ def build(params_path: Path, cards_dir: Path, layout: Layout, out: Path, final: 
         approved, training, yaml.safe_load(params_path.read_text()) or {}, checks, withdrawn, lineage["git.commit"],
         commits_between(approved.release.model.git_commit, lineage["git.commit"])
         if approved.release is not None else None)
-    version = register_version(settings.registered_model, run, decision.decision)
+    files = logged_model_files(run.model_uri) if run.model_uri else {}
+    version = register_version(settings.registered_model, run, decision.decision, files)
     failpoint("report:registered")  # registered, nothing else recorded yet: what `reconcile` heals
     others = withdrawn_versions(settings.registered_model, withdrawn, params.policy.withdrawals_file, version)
     model = ModelFacts(dataset=dataset, trained_on=config.datasets, run_id=run.run_id, experiment_id=run.experiment_id,
                        model_uri=run.model_uri or "—", registered_model=settings.registered_model, version=version,
                        git_commit=lineage["git.commit"], git_dirty=lineage["git.dirty"],
                        git_changed_paths=lineage["git.changed_paths"], preset=config.preset,
-                       mask_ratio=config.mask_ratio, pool=config.pool, architecture=config.model)
+                       mask_ratio=config.mask_ratio, pool=config.pool, architecture=config.model, files=files)
     evidence = Evidence(
         model=model, release=decision,
         datasets={n: DatasetEvidence(gathered.cards[n], gathered.provenances[n].counts) for n in gathered.cards},

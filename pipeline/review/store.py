@@ -46,8 +46,13 @@ def _name(path: Path, root: Path) -> str:
 
 
 def model_digests(model_uri: str) -> dict[str, dict[str, str]]:
-    """SHA-256 of every file of the registered version's logged model, downloaded from the registry; its
-    governance/ copy of the report is not the model (and is covered as the report files)."""
+    """The sign-off's subjects for the registered version's logged model: `logged_model_files` as
+    `model/<path>` -> digest set; its governance/ copy of the report is covered as the report files."""
+    return {f"model/{name}": {"sha256": digest} for name, digest in logged_model_files(model_uri).items()}
+
+
+def logged_model_files(model_uri: str) -> dict[str, str]:
+    """SHA-256 of every file of a logged model, downloaded from the registry (see `model_files`)."""
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking import connect
@@ -55,11 +60,16 @@ def model_digests(model_uri: str) -> dict[str, dict[str, str]]:
     mlflow = connect()
     try:
         with tempfile.TemporaryDirectory() as tmp, silenced_stdout():
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-            return {f"model/{p.relative_to(root).as_posix()}": {"sha256": sha256_file(p)}
-                    for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "governance"}
+            return model_files(Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)))
     except (MlflowException, OSError) as exc:
         raise mlflow_error(f"cannot download the model files of {model_uri}", exc) from None
+
+
+def model_files(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file of a downloaded logged model but its governance/ copy of the report
+    (the report stage adds that after registration)."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "governance"}
 
 
 def subjects(release: Release, governance: Path, layout: Layout, params_path: Path, cards_dir: Path,
