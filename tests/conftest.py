@@ -39,6 +39,13 @@ def small_params(num_images: int = 300) -> dict:
     return params
 
 
+def synthetic_params(num_images: int) -> dict:
+    """`small_params` with the synthetic dataset alone."""
+    params = small_params(num_images)
+    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
+    return params
+
+
 # Expensive shared fixtures, by the xdist group of the tests that use them.
 SHARED = {"evaluated": "evaluated", "audited": "evaluated", "reported": "evaluated", "prepared": "prepared",
           "ingested": "ingested"}
@@ -85,6 +92,17 @@ class Workspace:
 
     def ingested(self, dataset: str) -> Path:
         return self.root / "data" / "ingested" / dataset
+
+
+def synthetic_workspace(root: Path, num_images: int, env: dict | None = None, **sections: dict) -> Workspace:
+    """A workspace with the shipped cards and `synthetic_params`, each of `sections` updated (pretrain={...})."""
+    shutil.copytree(ROOT / "data_cards", root / "data_cards")
+    space = Workspace(root, env=env or {})
+    params = synthetic_params(num_images)
+    for section, values in sections.items():
+        params[section].update(values)
+    space.write_params(params)
+    return space
 
 
 @pytest.fixture
@@ -151,12 +169,7 @@ def mlflow_server(tmp_path_factory) -> str:
 def evaluated(tmp_path_factory, mlflow_server: str) -> Workspace:
     """Synthetic data ingested, validated, split, pretrained (tiny) and evaluated once per session, tracked
     by a real MLflow server: the input of the evaluation, audit and report tests, which must not change it."""
-    root = tmp_path_factory.mktemp("evaluated")
-    shutil.copytree(ROOT / "data_cards", root / "data_cards")
-    space = Workspace(root, env={"MLFLOW_TRACKING_URI": mlflow_server})
-    params = small_params(600)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
-    space.write_params(params)
+    space = synthetic_workspace(tmp_path_factory.mktemp("evaluated"), 600, {"MLFLOW_TRACKING_URI": mlflow_server})
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
     return space
 

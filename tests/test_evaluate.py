@@ -21,7 +21,7 @@ from pipeline.normalisation import Normalisation
 from pipeline.params import EvaluateSettings
 from pipeline.reconstruction import masking_noise, psnr, reconstruct
 from pipeline.trained import load_trained
-from tests.conftest import ROOT, Workspace, mlflow_env, small_params
+from tests.conftest import ROOT, Workspace, mlflow_env, small_params, synthetic_workspace
 
 
 def test_psnr_and_accuracy_by_hand():
@@ -258,12 +258,8 @@ def test_pretraining_learns_features_the_probe_reads_better_than_raw_pixels_and_
     features already beat raw pixels, so the MAE is held to the better of both baselines. The margin on val and
     test pooled, measured here: 0.045 (MAE 0.413, random init 0.368, raw pixels 0.251); on 4,000 images and 10
     epochs, pretrain seeds 0, 1, 2 gave 0.062, 0.045, 0.034, and base_lr 1e-12 gave -0.009."""
-    shutil.copytree(ROOT / "data_cards", tmp_path / "data_cards")
-    space = Workspace(tmp_path, env=mlflow_env(tmp_path))
-    params = small_params(2000)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
-    params["pretrain"].update(epochs=20, batch_size=16, base_lr=1.6e-2)
-    space.write_params(params)
+    space = synthetic_workspace(tmp_path, 2000, mlflow_env(tmp_path),
+                                pretrain={"epochs": 20, "batch_size": 16, "base_lr": 1.6e-2})
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",), ("pretrain",), ("evaluate",))
     metrics = EvalMetrics.model_validate_json((tmp_path / "metrics" / "eval.json").read_text())
     scores = metrics.probe.splits()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.artifacts import KILL_AT, SEAL, Layout
-from tests.conftest import ROOT, Workspace, small_params
+from tests.conftest import ROOT, Workspace, synthetic_workspace
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -43,11 +43,7 @@ def siblings(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Workspace:
-    space = Workspace(tmp_path_factory.mktemp("faults"))
-    shutil.copytree(ROOT / "data_cards", space.root / "data_cards")
-    params = small_params(200)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
-    space.write_params(params)
+    space = synthetic_workspace(tmp_path_factory.mktemp("faults"), 200)
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",))
     return space
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from psycopg import sql
 
 from pipeline.artifacts import Layout
-from tests.conftest import ROOT, Workspace, free_port, serve_mlflow, small_params
+from tests.conftest import Workspace, free_port, serve_mlflow, synthetic_workspace
 
 DATABASE = "mlflow"
 
@@ -102,12 +102,7 @@ def snapshot(root: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workspace_on_postgres(server: dict, tmp_path_factory) -> Workspace:
     """Tiny synthetic data ingested, validated and split, its MLflow calls going to the PostgreSQL-backed server."""
-    root = tmp_path_factory.mktemp("postgres-run")
-    shutil.copytree(ROOT / "data_cards", root / "data_cards")
-    space = Workspace(root, env={"MLFLOW_TRACKING_URI": server["uri"]})
-    params = small_params(300)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
-    space.write_params(params)
+    space = synthetic_workspace(tmp_path_factory.mktemp("postgres-run"), 300, {"MLFLOW_TRACKING_URI": server["uri"]})
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",))
     return space
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pipeline.mae import build
 from pipeline.normalisation import Normalisation
 from pipeline.params import PretrainSettings
 from pipeline.train import State, learning_rate, param_groups, train
-from tests.conftest import ROOT, Workspace, mlflow_env, small_params
+from tests.conftest import ROOT, Workspace, mlflow_env, small_params, synthetic_params, synthetic_workspace
 
 TINY_TRAINING = dict(epochs=4, batch_size=32, checkpoint_every=1, warmup_epochs=1, figure_images=4, threads=1)
 
@@ -109,11 +108,7 @@ def test_a_non_finite_loss_read_late_still_names_its_step(tiny_split: Path, tmp_
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A small synthetic dataset ingested, validated and split once for every test here."""
-    space = Workspace(tmp_path_factory.mktemp("prepared"))
-    shutil.copytree(ROOT / "data_cards", space.root / "data_cards")
-    params = small_params(400)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
-    space.write_params(params)
+    space = synthetic_workspace(tmp_path_factory.mktemp("prepared"), 400)
     space.run_ok(("ingest", "synthetic"), ("validate",), ("prepare",))
     return space.root
 
@@ -124,8 +119,7 @@ def training_space(prepared: Path, tmp_path: Path, **changes) -> Workspace:
     for name in ("prepared", "ingested"):
         (space.root / "data" / name).symlink_to(prepared / "data" / name)
     (space.root / "data_cards").symlink_to(prepared / "data_cards")  # pretrain checks each card allows training
-    params = small_params(400)
-    params["datasets"] = {"synthetic": params["datasets"]["synthetic"]}
+    params = synthetic_params(400)
     params["pretrain"].update(TINY_TRAINING, **changes)
     space.write_params(params)
     return space
