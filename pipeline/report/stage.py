@@ -210,7 +210,8 @@ def signed_off(release: Release, out: Path, params: Params, params_path: Path, c
                layout: Layout) -> Release:
     """The report with the sign-offs already recorded for its version (a report re-run): each still holds only
     if what it signed is unchanged, which their digests, blind to the sign-off block, tell."""
-    ctx = context(release, out, params, params_path, cards_dir, layout, reviewers_missing_ok=True)
+    ctx = context(release, out, params, params_path, cards_dir, layout, reviewers_missing_ok=True,
+                  model_files=release.model.files)  # read at registration, moments ago: not downloaded again
     review = review_of(ctx, params, datetime.now(UTC).date())
     write_signoff(out, review)
     return release.model_copy(update={"review": review})

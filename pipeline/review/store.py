@@ -45,10 +45,10 @@ def _name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def model_digests(model_uri: str) -> dict[str, dict[str, str]]:
-    """The sign-off's subjects for the registered version's logged model: `logged_model_files` as
-    `model/<path>` -> digest set; its governance/ copy of the report is covered as the report files."""
-    return {f"model/{name}": {"sha256": digest} for name, digest in logged_model_files(model_uri).items()}
+def model_subjects(files: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The sign-off's subjects for the logged model's files (`logged_model_files`): `model/<path>` -> digest set;
+    its governance/ copy of the report is covered as the report files."""
+    return {f"model/{name}": {"sha256": digest} for name, digest in files.items()}
 
 
 def logged_model_files(model_uri: str) -> dict[str, str]:
@@ -147,11 +147,14 @@ def withdrawn_records(governance: Path, params: Params, layout: Layout) -> list[
 
 
 def context(release: Release, governance: Path, params: Params, params_path: Path, cards_dir: Path,
-            layout: Layout, reviewers_missing_ok: bool = False) -> Context:
-    """`reviewers_missing_ok`: for the report stage, where no reviewers file means no sign-off can hold."""
+            layout: Layout, reviewers_missing_ok: bool = False, model_files: dict[str, str] | None = None) -> Context:
+    """`reviewers_missing_ok`: for the report stage, where no reviewers file means no sign-off can hold.
+    `model_files`: the logged model's files as the report stage has just read them; otherwise they are downloaded
+    now, since a review must see the registry as it is."""
     path = layout.path(params.report.reviewers_file)
     reviewers = Reviewers() if reviewers_missing_ok and not path.exists() else load_reviewers(path)
-    now = subjects(release, governance, layout, params_path, cards_dir, model_digests(release.model.model_uri))
+    files = logged_model_files(release.model.model_uri) if model_files is None else model_files
+    now = subjects(release, governance, layout, params_path, cards_dir, model_subjects(files))
     return Context(release, reviewers, now, recorded(release, reviewers), run_user(release.model.run_id),
                    withdrawn_records(governance, params, layout), params.policy.withdrawals_file)
 
